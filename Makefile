@@ -1,0 +1,60 @@
+# Convenience over the `xvq` command (which runs on Linux, macOS and Windows without make).
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+XVQ     := $(BIN)/xvq
+STAMP   := $(VENV)/.xvq-setup
+MODEL   ?= xvq/demo/model
+NAME    ?=
+OUT     ?= out
+TYPES   ?= Q4_K_M Q8_0
+BITS    ?= 4
+PYTEST_ARGS ?=
+NAMEOPT := $(if $(NAME),--name $(NAME),)
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
+export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
+
+.PHONY: setup test demo gguf gptq validate release anchors bench clean
+
+setup: $(STAMP)
+
+# torch first: `pip install torch==2.13.0` takes the CPU wheel; any other spec pulls CUDA wheels.
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip wheel setuptools
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -r requirements.lock
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+# llama.cpp's own tools (llama-quantize, llama-imatrix, llama-perplexity) and converter, built
+# from the llama-cpp-python sdist: the references that tests and bench/ compare against.
+anchors: setup
+	$(BIN)/python -m xvq.anchors build
+
+test: setup anchors
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	$(XVQ) release $(MODEL) --out-root $(OUT) --allow-partial
+
+gguf: setup
+	$(XVQ) convert $(MODEL) $(NAMEOPT) --out-root $(OUT) --outtype f16
+	$(XVQ) quantize gguf $(MODEL) $(NAMEOPT) --out-root $(OUT) $(foreach t,$(TYPES),--type $(t))
+
+gptq: setup
+	$(XVQ) quantize gptq $(MODEL) $(NAMEOPT) --out-root $(OUT) --bits $(BITS)
+
+validate: setup
+	$(XVQ) validate --reference $(MODEL) $(NAMEOPT) --out-root $(OUT) --layout
+
+release: setup
+	$(XVQ) release $(MODEL) $(NAMEOPT) --out-root $(OUT)
+
+bench: setup anchors
+	$(BIN)/python bench/convert.py
+	$(BIN)/python bench/quantize.py
+	$(BIN)/python bench/validate.py
+
+clean:
+	rm -rf $(OUT) .pytest_cache

@@ -1,0 +1,128 @@
+"""Hugging Face checkpoints as they ship, opened without loading: every tensor is a
+`SourceTensor` whose rows are read on demand from a memory map (file-backed pages, not
+anonymous memory), so a 65B checkpoint streams through a laptop."""
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from xvq.errors import XvqError
+from xvq.models.base import SourceTensor
+
+_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
+
+
+@dataclass
+class Checkpoint:
+    folder: Path
+    config: dict
+    tensors: dict[str, SourceTensor]
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise XvqError(f"{path}: not found; point at a Hugging Face model folder (with config.json)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise XvqError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); restore the original file") from e
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The checkpoint's shards, from its index when it has one."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / index_name
+        if index.is_file():
+            names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            missing = [n for n in names if not (folder / n).is_file()]
+            if missing:
+                raise XvqError(f"{folder / missing[0]}: named by {index_name} but missing; "
+                               f"download every shard ({len(missing)} missing)")
+            return [folder / n for n in names]
+    for pattern in ("model.safetensors", "model-*.safetensors", "pytorch_model.bin", "pytorch_model-*.bin"):
+        found = sorted(folder.glob(pattern))
+        if found:
+            return found
+    raise XvqError(f"{folder}: no weights found (model.safetensors, *.safetensors with index, or "
+                   f"pytorch_model*.bin); point at the checkpoint folder")
+
+
+def _bf16_to_f32(a: np.ndarray) -> np.ndarray:
+    return (a.astype(np.uint32) << 16).view(np.float32)
+
+
+def _row_reader(matrix: np.ndarray, is_bf16: bool):
+    def rows(sel):
+        block = np.asarray(matrix[sel])
+        return _bf16_to_f32(block) if is_bf16 else block.astype(np.float32, copy=False)
+    return rows
+
+
+def safetensors_tensors(path: Path) -> dict[str, SourceTensor]:
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise XvqError(f"{path}: truncated safetensors file (no header); download it again")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise XvqError(f"{path}: truncated safetensors file (header past end); download it again")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    data_start = 8 + n
+    out = {}
+    for name, info in header.items():
+        dtype = _ST_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise XvqError(f"{path}: tensor {name} has dtype {info['dtype']}, which xvq cannot convert; "
+                           f"supply an F32, F16 or BF16 checkpoint")
+        begin, end = info["data_offsets"]
+        if data_start + end > size:
+            raise XvqError(f"{path}: truncated (tensor {name} runs past the end of the file); download it again")
+        shape = tuple(info["shape"])
+        cols = shape[-1] if shape else 1
+        count = (end - begin) // np.dtype(dtype).itemsize
+        flat = np.memmap(path, dtype=dtype, mode="r", offset=data_start + begin, shape=(count,)) if count else np.zeros(0, dtype)
+        out[name] = SourceTensor(name, shape, info["dtype"], _row_reader(flat.reshape(-1, cols), info["dtype"] == "BF16"),
+                                 str(path))
+    return out
+
+
+def pickle_tensors(path: Path) -> dict[str, SourceTensor]:
+    import torch
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # torch raises several types for truncated / non-zip / unsafe files
+        raise XvqError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0][:120]}); download it again or convert to safetensors") from e
+    out = {}
+    for name, t in state.items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise XvqError(f"{path}: tensor {name} has dtype {t.dtype}, which xvq cannot convert; "
+                           f"supply an F32, F16 or BF16 checkpoint")
+        matrix = t.reshape(-1, t.shape[-1]) if t.dim() else t.reshape(1, 1)
+
+        def rows(sel, m=matrix):
+            if isinstance(sel, np.ndarray):
+                sel = torch.from_numpy(sel)
+            return m[sel].to(torch.float32).numpy()
+        out[name] = SourceTensor(name, tuple(t.shape), str(t.dtype).removeprefix("torch."), rows, str(path))
+    return out
+
+
+def open_checkpoint(folder: Path | str) -> Checkpoint:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise XvqError(f"{folder}: not a folder; point at a Hugging Face model folder")
+    config = read_config(folder)
+    tensors: dict[str, SourceTensor] = {}
+    for f in weight_files(folder):
+        tensors |= safetensors_tensors(f) if f.suffix == ".safetensors" else pickle_tensors(f)
+    return Checkpoint(folder, config, tensors)

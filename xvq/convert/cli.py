@@ -1,0 +1,25 @@
+from pathlib import Path
+
+import click
+
+
+@click.command("convert")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--outfile", type=click.Path(path_type=Path), help="Output .gguf (default: the layout's gguf/ name).")
+@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"], case_sensitive=False), default="f16",
+              show_default=True)
+@click.option("--split-max-size", default=None, help="Split into llama.cpp shards of at most this size, e.g. 4G.")
+@click.option("--name", default=None, help="Model name (default: the model folder's name).")
+@click.option("--chat-template", default=None, help="Template name (xverse) or a Jinja file.")
+@click.option("--rope-theta", type=float, default=None, help="Override the config's RoPE theta.")
+@click.option("--out-root", type=click.Path(path_type=Path), default=None, help="Layout root (default: out).")
+def convert_cmd(model_dir, outfile, outtype, split_max_size, name, chat_template, rope_theta, out_root):
+    """Convert a Hugging Face checkpoint (XVERSE, LLaMA) to GGUF, streaming."""
+    from xvq.convert import convert
+    from xvq.layout import Layout
+    if outfile is None:
+        outfile = Layout.for_model(model_dir, name, out_root).gguf(outtype)
+    written = convert(model_dir, outfile, outtype, split_max_size=split_max_size, name=name,
+                      chat_template=chat_template, rope_theta=rope_theta)
+    for p in written:
+        click.echo(f"wrote {p} ({p.stat().st_size / 1e6:.1f} MB)")

@@ -1,0 +1,112 @@
+"""HF checkpoint -> GGUF, streaming one tensor (in row blocks) at a time."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import gguf
+import numpy as np
+from tqdm import tqdm
+
+from xvq.checkpoint import Checkpoint, open_checkpoint
+from xvq.convert.vocab import add_vocab
+from xvq.convert.writer import OUTTYPES, StreamingWriter, parse_size, tensor_type
+from xvq.errors import XvqError
+from xvq.fsio import ensure_writable_dir, temp_sibling
+from xvq.layout import model_name
+from xvq.models import Family, family_for
+
+
+def check_shapes(fam: Family, ckpt: Checkpoint) -> None:
+    """Every tensor the config implies is present with the config's shape."""
+    for name, shape in fam.expected_shapes().items():
+        src = ckpt.tensors.get(name)
+        if src is None:
+            raise XvqError(f"{ckpt.folder}: tensor {name} is missing from the checkpoint; "
+                           f"a shard is missing or the config does not match the weights")
+        if tuple(src.shape) != tuple(shape):
+            raise XvqError(f"{src.file}: tensor {name} has shape {list(src.shape)} but config.json implies "
+                           f"{list(shape)}; use the config that came with these weights")
+
+
+def resolve_chat_template(fam: Family, model_dir: Path, name: str, option: str | None) -> str | None:
+    if option:
+        if option in fam.chat_template_names:
+            return fam.chat_template_names[option]
+        path = Path(option)
+        if path.is_file():
+            return path.read_text(encoding="utf-8")
+        known = ", ".join(fam.chat_template_names) or "none for this family"
+        raise XvqError(f"--chat-template {option}: neither a known template name ({known}) nor a file; "
+                       f"give a name or the path of a Jinja template")
+    return fam.default_chat_template(name)
+
+
+def write_metadata(w: gguf.GGUFWriter, fam: Family, name: str, outtype: str, params: tuple) -> None:
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(name)
+    w.add_basename(name)
+    w.add_size_label(gguf.size_label(*params))
+    w.add_file_type(OUTTYPES[outtype][1])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if fam.license:
+        w.add_license(fam.license)
+    fam.write_hparams(w)
+
+
+def parameter_counts(fam: Family, tensors) -> tuple[int, int, int, int]:
+    total = sum(int(np.prod(t.shape)) for t in tensors)
+    expert = sum(int(np.prod(t.shape)) for t in tensors if "_exps." in t.name)
+    return total, total - expert, expert, fam.hp.n_expert
+
+
+def convert(model_dir: Path | str, outfile: Path | str, outtype: str = "f16", *, split_max_size: str | int = 0,
+            name: str | None = None, chat_template: str | None = None, rope_theta: float | None = None,
+            progress: bool = True) -> list[Path]:
+    """Convert and return the written file(s): one GGUF, or its shards in llama.cpp's format."""
+    model_dir, outfile = Path(model_dir), Path(outfile)
+    outtype = outtype.lower()
+    if outtype not in OUTTYPES:
+        raise XvqError(f"--outtype {outtype}: unknown; use one of {', '.join(OUTTYPES)}")
+    ckpt = open_checkpoint(model_dir)
+    fam = family_for(ckpt.config, str(model_dir / "config.json"))
+    if rope_theta:
+        fam.hp.rope_theta = float(rope_theta)
+    check_shapes(fam, ckpt)
+    name = model_name(model_dir, name)
+    tensors = list(fam.gguf_tensors(ckpt.tensors))
+
+    w = StreamingWriter(path=None, arch=fam.gguf_arch, split_max_size=parse_size(split_max_size))
+    write_metadata(w, fam, name, outtype, parameter_counts(fam, tensors))
+    add_vocab(w, model_dir, fam.hp.n_vocab, fam.vocab_kind)
+    template = resolve_chat_template(fam, model_dir, name, chat_template)
+    if template and gguf.Keys.Tokenizer.CHAT_TEMPLATE not in w.kv_data[0]:
+        w.add_chat_template(template)
+    plans = [w.plan(t, tensor_type(t, outtype)) for t in tensors]
+
+    ensure_writable_dir(outfile.parent)
+    staging = temp_sibling(outfile)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        w.begin(staging / outfile.name)
+        total_rows = sum(p.tensor.n_rows for p in plans)
+        with tqdm(total=total_rows, desc=f"convert {name} → {outtype}", unit="row", disable=not progress,
+                  leave=False) as bar:
+            for p in plans:
+                bar.set_postfix_str(p.tensor.name, refresh=False)
+                w.stream(p, on_rows=bar.update)
+        w.close()
+        written = []
+        for f in sorted(staging.iterdir()):
+            os.replace(f, outfile.parent / f.name)
+            written.append(outfile.parent / f.name)
+        return written
+    except OSError as e:
+        if e.errno == 28:
+            raise XvqError(f"{outfile}: disk full while writing; free space or choose another --outfile") from e
+        raise XvqError(f"{outfile}: cannot write ({e.strerror}); choose a writable location") from e
+    finally:
+        w.close()
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,92 @@
+"""Streaming GGUF writing on top of gguf-py: tensor infos first, then each tensor's data
+written in row blocks straight to the file, so memory holds one block, never the model."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from xvq.models.base import OutTensor
+
+QT = gguf.GGMLQuantizationType
+OUTTYPES = {"f32": (QT.F32, gguf.LlamaFileType.ALL_F32), "f16": (QT.F16, gguf.LlamaFileType.MOSTLY_F16),
+            "bf16": (QT.BF16, gguf.LlamaFileType.MOSTLY_BF16), "q8_0": (QT.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0)}
+BLOCK_BYTES = 64 << 20  # float32 bytes converted at once
+
+
+def parse_size(text: str | int | None) -> int:
+    """'4G' -> 4_000_000_000 (llama.cpp's split sizes are decimal)."""
+    if not text:
+        return 0
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", str(text).upper())
+    if not m:
+        raise ValueError(f"size {text!r}: use a number with K, M, G or T, e.g. 4G")
+    return int(float(m.group(1)) * {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}[m.group(2)])
+
+
+def tensor_type(t: OutTensor, outtype: str) -> QT:
+    """llama.cpp's rule: 1-D tensors and the MoE router stay F32; Q8_0 needs rows of 32."""
+    want = OUTTYPES[outtype][0]
+    if len(t.shape) == 1 or t.name.endswith("ffn_gate_inp.weight"):
+        return QT.F32
+    if want == QT.Q8_0 and t.shape[-1] % 32:
+        return QT.F16
+    return want
+
+
+def nbytes(shape: tuple[int, ...], qtype: QT) -> int:
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    return int(np.prod(shape)) // block * size
+
+
+def encode(rows: np.ndarray, qtype: QT) -> np.ndarray:
+    if qtype == QT.F32:
+        return rows.astype(np.float32, copy=False)
+    if qtype == QT.F16:
+        return rows.astype(np.float16)
+    return gguf.quants.quantize(rows, qtype)
+
+
+@dataclass
+class Planned:
+    tensor: OutTensor
+    qtype: QT
+
+
+class StreamingWriter(gguf.GGUFWriter):
+    """GGUFWriter whose tensors are announced with `plan` and written with `stream`."""
+
+    def plan(self, t: OutTensor, qtype: QT) -> Planned:
+        self.add_tensor_info(t.name, t.shape, np.dtype(np.float32), nbytes(t.shape, qtype), raw_dtype=qtype)
+        return Planned(t, qtype)
+
+    def begin(self, path: Path) -> None:
+        self.write_header_to_file(path)
+        self.write_kv_data_to_file()
+        self.write_ti_data_to_file()
+
+    def stream(self, p: Planned, on_rows=None) -> None:
+        file_id = next(i for i, ts in enumerate(self.tensors) if ts)
+        fout = self.fout[file_id]
+        info = self.tensors[file_id].pop(p.tensor.name)
+        self.write_padding(fout, fout.tell())
+        start = fout.tell()
+        t = p.tensor
+        cols = t.shape[-1]
+        step = max(1, BLOCK_BYTES // (4 * cols))
+        for r in range(0, t.n_rows, step):
+            stop = min(r + step, t.n_rows)
+            block = t.rows(slice(r, stop)).reshape(stop - r, cols)
+            encode(block, p.qtype).tofile(fout)
+            if on_rows:
+                on_rows(stop - r)
+        written = fout.tell() - start
+        if written != info.nbytes:
+            raise RuntimeError(f"{t.name}: wrote {written} bytes, expected {info.nbytes}")
+        self.write_padding(fout, written)
+        self.state = gguf.gguf_writer.WriterState.WEIGHTS

@@ -1,0 +1,223 @@
+"""What a model family declares, once, for every stage.
+
+A family module subclasses `Family`, fills in the class attributes and registers itself with
+`@register`. Stage code asks `family_for(config)` and reads the answers; it never names a model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterator
+
+import numpy as np
+
+from xvq.errors import XvqError
+
+# A reader of rows of a source tensor, viewed as 2-D (prod(shape[:-1]), shape[-1]); returns float32.
+RowReader = Callable[[Any], np.ndarray]
+
+
+@dataclass
+class SourceTensor:
+    """One tensor of a checkpoint, not loaded: shape, dtype and a row reader."""
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    rows: RowReader
+    file: str = ""
+
+    @property
+    def n_rows(self) -> int:
+        return int(np.prod(self.shape[:-1])) if len(self.shape) > 1 else 1
+
+    def load(self) -> np.ndarray:
+        return self.rows(slice(0, self.n_rows)).reshape(self.shape)
+
+
+@dataclass
+class OutTensor:
+    """One GGUF tensor to write: its name, its shape (rows-first, as torch/numpy) and a row reader."""
+    name: str
+    shape: tuple[int, ...]
+    rows: RowReader
+    sources: list[str] = field(default_factory=list)
+
+    @property
+    def n_rows(self) -> int:
+        return int(np.prod(self.shape[:-1])) if len(self.shape) > 1 else 1
+
+
+def rope_permute_rows(n_rows: int, n_head: int) -> np.ndarray:
+    """Row order that turns HF's rotate-half q/k layout into llama.cpp's interleaved (NORM) rope.
+    Same as llama.cpp's `LlamaModel.permute`: reshape(n_head, 2, hd/2).swapaxes(1, 2)."""
+    idx = np.arange(n_rows).reshape(n_head, 2, n_rows // n_head // 2)
+    return idx.swapaxes(1, 2).reshape(-1)
+
+
+def permuted(src: SourceTensor, n_head: int) -> RowReader:
+    perm = rope_permute_rows(src.shape[0], n_head)
+
+    def rows(sel):
+        return src.rows(perm[sel])
+    return rows
+
+
+@dataclass
+class Hparams:
+    """The shapes and constants of one checkpoint, normalised from its config.json."""
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    n_ff: int
+    n_vocab: int
+    n_ctx: int
+    rope_theta: float
+    rms_eps: float
+    tie_embeddings: bool = False
+    n_expert: int = 0
+    n_expert_used: int = 0
+    n_shared_expert: int = 0
+    n_ff_exp: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+class Family:
+    """Base declaration. Subclasses override class attributes; methods rarely."""
+    name: ClassVar[str]
+    architectures: ClassVar[tuple[str, ...]] = ()   # config.json "architectures" accepted
+    model_types: ClassVar[tuple[str, ...]] = ()     # config.json "model_type" accepted
+    gguf_arch: ClassVar[str]                        # llama.cpp architecture name
+    vocab_kind: ClassVar[str] = "auto"              # "bpe" (tokenizer.json), "spm" (tokenizer.model), "auto"
+    default_rms_eps: ClassVar[float] = 1e-6
+    default_rope_theta: ClassVar[float] = 10000.0
+    chat_template: ClassVar[str | None] = None      # Jinja template for *-Chat checkpoints
+    chat_template_names: ClassVar[dict[str, str]] = {}  # --chat-template NAME -> template
+    license: ClassVar[str | None] = None
+    gptq_base: ClassVar[str] = "llama"              # GPTQModel definition to quantize through
+    rope_permute_qk: ClassVar[bool] = True          # HF rotate-half -> llama.cpp NORM rope
+
+    def __init__(self, config: dict):
+        self.config = config
+        self.hp = self.hparams(config)
+
+    # --- recognising a checkpoint ---
+    @classmethod
+    def accepts(cls, config: dict) -> bool:
+        archs = set(config.get("architectures") or [])
+        return bool(archs & set(cls.architectures)) or config.get("model_type") in cls.model_types
+
+    # --- shapes ---
+    def hparams(self, c: dict) -> Hparams:
+        n_head = c["num_attention_heads"]
+        return Hparams(
+            n_layer=c["num_hidden_layers"], n_embd=c["hidden_size"], n_head=n_head,
+            n_head_kv=c.get("num_key_value_heads") or n_head, n_ff=c["intermediate_size"],
+            n_vocab=c["vocab_size"], n_ctx=c.get("max_position_embeddings", 4096),
+            rope_theta=float(rope_theta_of(c) or self.default_rope_theta),
+            rms_eps=float(c.get("rms_norm_eps", self.default_rms_eps)),
+            tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+        )
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """HF tensor name -> shape, for checking a checkpoint against its config."""
+        hp = self.hp
+        hd = hp.head_dim
+        shapes = {"model.embed_tokens.weight": (hp.n_vocab, hp.n_embd), "model.norm.weight": (hp.n_embd,)}
+        if not hp.tie_embeddings:
+            shapes["lm_head.weight"] = (hp.n_vocab, hp.n_embd)
+        for i in range(hp.n_layer):
+            p = f"model.layers.{i}."
+            shapes |= {
+                p + "input_layernorm.weight": (hp.n_embd,), p + "post_attention_layernorm.weight": (hp.n_embd,),
+                p + "self_attn.q_proj.weight": (hp.n_head * hd, hp.n_embd),
+                p + "self_attn.k_proj.weight": (hp.n_head_kv * hd, hp.n_embd),
+                p + "self_attn.v_proj.weight": (hp.n_head_kv * hd, hp.n_embd),
+                p + "self_attn.o_proj.weight": (hp.n_embd, hp.n_head * hd),
+            }
+            shapes |= self.ffn_shapes(i)
+        return shapes
+
+    def ffn_shapes(self, i: int) -> dict[str, tuple[int, ...]]:
+        hp, p = self.hp, f"model.layers.{i}.mlp."
+        return {p + "gate_proj.weight": (hp.n_ff, hp.n_embd), p + "up_proj.weight": (hp.n_ff, hp.n_embd),
+                p + "down_proj.weight": (hp.n_embd, hp.n_ff)}
+
+    # --- GGUF ---
+    def gguf_tensors(self, sources: dict[str, SourceTensor]) -> Iterator[OutTensor]:
+        """Map checkpoint tensors to GGUF tensors with gguf-py's own name table for the arch."""
+        import gguf
+        arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == self.gguf_arch)
+        names = gguf.get_tensor_name_map(arch, self.hp.n_layer)
+        for src in sources.values():
+            if self.skip_tensor(src.name):
+                continue
+            new = names.get_name(src.name, try_suffixes=(".weight", ".bias"))
+            if new is None:
+                raise XvqError(f"{src.file or src.name}: tensor {src.name!r} has no GGUF name for arch "
+                               f"{self.gguf_arch}; the checkpoint does not match its config")
+            yield OutTensor(new, src.shape, self.transform(src), [src.name])
+
+    def skip_tensor(self, name: str) -> bool:
+        return name.endswith("rotary_emb.inv_freq")
+
+    def transform(self, src: SourceTensor) -> RowReader:
+        if self.rope_permute_qk and src.name.endswith("self_attn.q_proj.weight"):
+            return permuted(src, self.hp.n_head)
+        if self.rope_permute_qk and src.name.endswith("self_attn.k_proj.weight"):
+            return permuted(src, self.hp.n_head_kv)
+        return src.rows
+
+    def write_hparams(self, w) -> None:
+        hp = self.hp
+        w.add_context_length(hp.n_ctx)
+        w.add_embedding_length(hp.n_embd)
+        w.add_block_count(hp.n_layer)
+        w.add_feed_forward_length(hp.n_ff)
+        w.add_head_count(hp.n_head)
+        w.add_head_count_kv(hp.n_head_kv)
+        w.add_rope_dimension_count(hp.head_dim)
+        w.add_rope_freq_base(hp.rope_theta)
+        w.add_layer_norm_rms_eps(hp.rms_eps)
+        w.add_vocab_size(hp.n_vocab)
+        scaling = self.config.get("rope_scaling") or {}
+        if scaling.get("type", scaling.get("rope_type")) == "linear":
+            import gguf
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(float(scaling["factor"]))
+
+    # --- metadata ---
+    def default_chat_template(self, model_name: str) -> str | None:
+        """Chat checkpoints without a template of their own get the family's."""
+        return self.chat_template if "chat" in model_name.lower() else None
+
+
+def rope_theta_of(c: dict) -> float | None:
+    return c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta")
+
+
+_REGISTRY: list[type[Family]] = []
+
+
+def register(cls: type[Family]) -> type[Family]:
+    """Later registrations are tried first, so a specialised family (MoE) can claim a config
+    before the general one it refines."""
+    _REGISTRY.insert(0, cls)
+    return cls
+
+
+def families() -> list[type[Family]]:
+    return list(_REGISTRY)
+
+
+def family_for(config: dict, source: str = "config.json") -> Family:
+    for cls in _REGISTRY:
+        if cls.accepts(config):
+            return cls(config)
+    archs = config.get("architectures") or [config.get("model_type", "?")]
+    supported = sorted({a for f in _REGISTRY for a in f.architectures})
+    raise XvqError(f"{source}: architecture {', '.join(map(str, archs))} is not supported; "
+                   f"supported: {', '.join(supported)}")

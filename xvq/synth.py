@@ -1,0 +1,100 @@
+"""Small synthetic checkpoints and tokenizers with the real families' structure, for the demo
+model, the tests and the benchmarks (nothing is ever downloaded)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+XVERSE_SPECIALS = ["<unk>", "<pad>", "<|startoftext|>", "<|endoftext|>"]
+
+
+def xverse_style_tokenizer(texts: Iterable[str], vocab_size: int = 2000):
+    """BPE with byte fallback, `▁` metaspace prefixing the first word, punctuation isolated,
+    digits split one by one; specials <unk>=0 <pad>=1 <|startoftext|>=2 <|endoftext|>=3,
+    then the 256 byte tokens, then learned pieces (XVERSE's layout)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Punctuation(behavior="isolated"),
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True),
+    ])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=XVERSE_SPECIALS + byte_tokens,
+                                  show_progress=False, limit_alphabet=max(100, vocab_size // 3))
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def save_xverse_tokenizer(tok, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False, "add_eos_token": False,
+         "model_max_length": 8192, **special}, indent=2))
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+
+
+def tiny_config(family: str = "xverse", **kw) -> dict:
+    base = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
+                vocab_size=1000, max_position_embeddings=512, hidden_act="silu", initializer_range=0.02,
+                tie_word_embeddings=False, use_cache=True)
+    if family == "xverse":
+        base |= dict(architectures=["XverseForCausalLM"], model_type="xverse", rms_norm_eps=1e-6,
+                     pad_token_id=1, bos_token_id=2, eos_token_id=3)
+    elif family == "llama":
+        base |= dict(architectures=["LlamaForCausalLM"], model_type="llama", rms_norm_eps=1e-5,
+                     bos_token_id=1, eos_token_id=2, num_key_value_heads=2, rope_theta=10000.0)
+    else:
+        raise ValueError(family)
+    return base | kw
+
+
+def make_checkpoint(folder: Path, config: dict, *, seed: int = 0, dtype: str = "float32",
+                    fmt: str = "safetensors", max_shard_size: str | None = None, qk_scale: float = 1.0):
+    """Random-init model of `config` saved as the family ships it. fmt: safetensors | bin.
+    qk_scale enlarges q/k weights so a wrong rope permutation visibly changes the logits."""
+    import torch
+    import xvq  # noqa: F401  (registers xverse)
+    from transformers import AutoConfig, AutoModelForCausalLM
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    torch.manual_seed(seed)
+    cfg = AutoConfig.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    if qk_scale != 1.0:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "q_proj" in name or "k_proj" in name:
+                    p.mul_(qk_scale)
+    model = model.to(getattr(torch, dtype))
+    if fmt == "safetensors":
+        model.save_pretrained(folder, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    else:
+        save_pickle_shards(model.state_dict(), folder, n_shards=2 if max_shard_size else 1)
+    # save_pretrained rewrites config.json with transformers' own view; keep the shipped form
+    (folder / "config.json").write_text(json.dumps(config | {"torch_dtype": dtype}, indent=2))
+    return model
+
+
+def save_pickle_shards(state: dict, folder: Path, n_shards: int = 2) -> None:
+    """XVERSE's shipping format: pytorch_model-0000k-of-0000n.bin + pytorch_model.bin.index.json."""
+    import torch
+    names = list(state)
+    if n_shards == 1:
+        torch.save({k: v.contiguous() for k, v in state.items()}, folder / "pytorch_model.bin")
+        return
+    per = -(-len(names) // n_shards)
+    weight_map = {}
+    for k in range(n_shards):
+        fname = f"pytorch_model-{k + 1:05d}-of-{n_shards:05d}.bin"
+        part = {n: state[n].contiguous().clone() for n in names[k * per:(k + 1) * per]}
+        torch.save(part, folder / fname)
+        weight_map |= {n: fname for n in part}
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
