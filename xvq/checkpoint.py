@@ -4,6 +4,7 @@ anonymous memory), so a 65B checkpoint streams through a laptop."""
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,7 @@ def weight_files(folder: Path) -> list[Path]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = folder / index_name
         if index.is_file():
-            names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            names = sorted(set(_index_weight_map(index).values()))
             missing = [n for n in names if not (folder / n).is_file()]
             if missing:
                 raise XvqError(f"{folder / missing[0]}: named by {index_name} but missing; "
@@ -47,9 +48,37 @@ def weight_files(folder: Path) -> list[Path]:
     for pattern in ("model.safetensors", "model-*.safetensors", "pytorch_model.bin", "pytorch_model-*.bin"):
         found = sorted(folder.glob(pattern))
         if found:
+            _check_shard_series(folder, found)
             return found
     raise XvqError(f"{folder}: no weights found (model.safetensors, *.safetensors with index, or "
                    f"pytorch_model*.bin); point at the checkpoint folder")
+
+
+def _index_weight_map(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise XvqError(f"{index}: not a valid shard index ({type(e).__name__}); "
+                       f"download it again with the shards") from e
+    if not isinstance(weight_map, dict):
+        raise XvqError(f"{index}: weight_map is not a mapping; download it again with the shards")
+    return weight_map
+
+
+_SHARD_NAME = re.compile(r"^(?P<stem>.+)-(?P<k>\d{5})-of-(?P<n>\d{5})(?P<ext>\..+)$")
+
+
+def _check_shard_series(folder: Path, found: list[Path]) -> None:
+    """Without an index, `NAME-0000k-of-0000n.ext` files still say how many shards there are."""
+    m = _SHARD_NAME.match(found[0].name)
+    if not m:
+        return
+    n = int(m["n"])
+    expected = [f"{m['stem']}-{k:05d}-of-{n:05d}{m['ext']}" for k in range(1, n + 1)]
+    missing = [e for e in expected if not (folder / e).is_file()]
+    if missing:
+        raise XvqError(f"{folder / missing[0]}: missing ({len(missing)} of {n} shards absent); "
+                       f"download every shard")
 
 
 def _bf16_to_f32(a: np.ndarray) -> np.ndarray:
@@ -88,8 +117,9 @@ def safetensors_tensors(path: Path) -> dict[str, SourceTensor]:
         cols = shape[-1] if shape else 1
         count = (end - begin) // np.dtype(dtype).itemsize
         flat = np.memmap(path, dtype=dtype, mode="r", offset=data_start + begin, shape=(count,)) if count else np.zeros(0, dtype)
-        out[name] = SourceTensor(name, shape, info["dtype"], _row_reader(flat.reshape(-1, cols), info["dtype"] == "BF16"),
-                                 str(path))
+        matrix = flat.reshape(-1, cols)
+        out[name] = SourceTensor(name, shape, info["dtype"], _row_reader(matrix, info["dtype"] == "BF16"),
+                                 str(path), raw_rows=lambda sel, m=matrix: np.asarray(m[sel]))
     return out
 
 
@@ -113,7 +143,14 @@ def pickle_tensors(path: Path) -> dict[str, SourceTensor]:
             if isinstance(sel, np.ndarray):
                 sel = torch.from_numpy(sel)
             return m[sel].to(torch.float32).numpy()
-        out[name] = SourceTensor(name, tuple(t.shape), str(t.dtype).removeprefix("torch."), rows, str(path))
+
+        def raw_rows(sel, m=matrix):
+            if isinstance(sel, np.ndarray):
+                sel = torch.from_numpy(sel)
+            block = m[sel]
+            return block.view(torch.int16).numpy().view(np.uint16) if block.dtype == torch.bfloat16 else block.numpy()
+        out[name] = SourceTensor(name, tuple(t.shape), str(t.dtype).removeprefix("torch."), rows, str(path),
+                                 raw_rows=raw_rows)
     return out
 
 

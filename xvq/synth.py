@@ -46,6 +46,10 @@ def tiny_config(family: str = "xverse", **kw) -> dict:
     if family == "xverse":
         base |= dict(architectures=["XverseForCausalLM"], model_type="xverse", rms_norm_eps=1e-6,
                      pad_token_id=1, bos_token_id=2, eos_token_id=3)
+    elif family == "xverse-moe":  # XVERSE-MoE-A4.2B's shape, scaled down: expert width not a multiple of 256
+        base |= dict(architectures=["XverseForCausalLM"], model_type="xverse", rms_norm_eps=1e-6,
+                     pad_token_id=1, bos_token_id=2, eos_token_id=3, intermediate_size=160,
+                     num_experts=8, moe_top_k=2, num_shared_experts=2, rope_theta=500000.0)
     elif family == "llama":
         base |= dict(architectures=["LlamaForCausalLM"], model_type="llama", rms_norm_eps=1e-5,
                      bos_token_id=1, eos_token_id=2, num_key_value_heads=2, rope_theta=10000.0)
@@ -55,9 +59,11 @@ def tiny_config(family: str = "xverse", **kw) -> dict:
 
 
 def make_checkpoint(folder: Path, config: dict, *, seed: int = 0, dtype: str = "float32",
-                    fmt: str = "safetensors", max_shard_size: str | None = None, qk_scale: float = 1.0):
+                    fmt: str = "safetensors", max_shard_size: str | None = None, qk_scale: float = 1.0,
+                    router_scale: float = 1.0):
     """Random-init model of `config` saved as the family ships it. fmt: safetensors | bin.
-    qk_scale enlarges q/k weights so a wrong rope permutation visibly changes the logits."""
+    qk_scale enlarges q/k weights so a wrong rope permutation visibly changes the logits;
+    router_scale enlarges MoE router weights so top-k routing is decisive (no near-ties)."""
     import torch
     import xvq  # noqa: F401  (registers xverse)
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -66,11 +72,13 @@ def make_checkpoint(folder: Path, config: dict, *, seed: int = 0, dtype: str = "
     torch.manual_seed(seed)
     cfg = AutoConfig.from_pretrained(folder)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    if qk_scale != 1.0:
+    if qk_scale != 1.0 or router_scale != 1.0:
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "q_proj" in name or "k_proj" in name:
                     p.mul_(qk_scale)
+                if ".mlp.router." in name:
+                    p.mul_(router_scale)
     model = model.to(getattr(torch, dtype))
     if fmt == "safetensors":
         model.save_pretrained(folder, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
@@ -98,3 +106,58 @@ def save_pickle_shards(state: dict, folder: Path, n_shards: int = 2) -> None:
     total = sum(t.numel() * t.element_size() for t in state.values())
     (folder / "pytorch_model.bin.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def write_random_safetensors(folder: Path, config: dict, *, dtype: str = "bfloat16", seed: int = 0,
+                             shard_bytes: int = 0, std: float = 0.02) -> list[Path]:
+    """A random checkpoint of `config` written tensor by tensor straight to safetensors (no
+    torch model in memory, so multi-GB checkpoints for benchmarks are cheap to make). Shards
+    with an index when `shard_bytes` is set, named as save_pretrained names them."""
+    import numpy as np
+    from xvq.models import family_for
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config | {"torch_dtype": dtype}, indent=2))
+    shapes = family_for(config).expected_shapes()
+    st_dtype, itemsize = {"bfloat16": ("BF16", 2), "float16": ("F16", 2), "float32": ("F32", 4)}[dtype]
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, shape in shapes.items():
+        n = int(np.prod(shape)) * itemsize
+        if shard_bytes and groups[-1] and size + n > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += n
+    rng = np.random.default_rng(seed)
+    files = []
+    for k, names in enumerate(groups):
+        fname = "model.safetensors" if len(groups) == 1 else f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
+        header, offset = {}, 0
+        for name in names:
+            n = int(np.prod(shapes[name])) * itemsize
+            header[name] = {"dtype": st_dtype, "shape": list(shapes[name]), "data_offsets": [offset, offset + n]}
+            offset += n
+        blob = json.dumps({"__metadata__": {"format": "pt"}} | header).encode()
+        blob += b" " * (-len(blob) % 8)
+        with open(folder / fname, "wb") as f:
+            f.write(len(blob).to_bytes(8, "little") + blob)
+            for name in names:
+                shape = shapes[name]
+                rows_per = max(1, (16 << 20) // max(1, shape[-1]))  # 16M values at a time
+                n_rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+                for r in range(0, n_rows, rows_per):
+                    m = min(rows_per, n_rows - r)
+                    if len(shape) == 1:  # norms: around 1, as trained models have them
+                        block = (1.0 + std * rng.standard_normal(shape, dtype=np.float32))
+                    else:
+                        block = std * rng.standard_normal((m, shape[-1]), dtype=np.float32)
+                    if dtype == "bfloat16":
+                        block = (block.view(np.uint32) >> 16).astype(np.uint16)
+                    f.write(block.astype({"float16": np.float16}.get(dtype, block.dtype), copy=False).tobytes())
+        files.append(folder / fname)
+    if len(groups) > 1:
+        weight_map = {n: files[k].name for k, names in enumerate(groups) for n in names}
+        total = sum(int(np.prod(s)) * itemsize for s in shapes.values())
+        (folder / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return files

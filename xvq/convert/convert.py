@@ -69,6 +69,10 @@ def convert(model_dir: Path | str, outfile: Path | str, outtype: str = "f16", *,
     outtype = outtype.lower()
     if outtype not in OUTTYPES:
         raise XvqError(f"--outtype {outtype}: unknown; use one of {', '.join(OUTTYPES)}")
+    try:
+        max_shard = parse_size(split_max_size)
+    except ValueError as e:
+        raise XvqError(f"--split-max-size: {e}") from None
     ckpt = open_checkpoint(model_dir)
     fam = family_for(ckpt.config, str(model_dir / "config.json"))
     if rope_theta:
@@ -77,11 +81,13 @@ def convert(model_dir: Path | str, outfile: Path | str, outtype: str = "f16", *,
     name = model_name(model_dir, name)
     tensors = list(fam.gguf_tensors(ckpt.tensors))
 
-    w = StreamingWriter(path=None, arch=fam.gguf_arch, split_max_size=parse_size(split_max_size))
+    w = StreamingWriter(path=None, arch=fam.gguf_arch, split_max_size=max_shard)
     write_metadata(w, fam, name, outtype, parameter_counts(fam, tensors))
     add_vocab(w, model_dir, fam.hp.n_vocab, fam.vocab_kind)
     template = resolve_chat_template(fam, model_dir, name, chat_template)
-    if template and gguf.Keys.Tokenizer.CHAT_TEMPLATE not in w.kv_data[0]:
+    # an explicit --chat-template wins over the tokenizer's own; the family default does not
+    if template and (chat_template or gguf.Keys.Tokenizer.CHAT_TEMPLATE not in w.kv_data[0]):
+        w.kv_data[0].pop(gguf.Keys.Tokenizer.CHAT_TEMPLATE, None)
         w.add_chat_template(template)
     plans = [w.plan(t, tensor_type(t, outtype)) for t in tensors]
 

@@ -1,84 +1,370 @@
-"""Vocabulary → GGUF. (First version; exact llama.cpp/HF parity is refined in issue 3.)"""
+"""Vocabulary → GGUF, encoded so that llama.cpp tokenizes exactly as Hugging Face does.
+
+XVERSE and LLaMA both ship BPE with byte fallback over `▁`-escaped text. llama.cpp runs such
+vocabularies with its SentencePiece-style tokenizer (`tokenizer.ggml.model = "llama"`): it prefixes
+a space, escapes spaces to `▁` and then repeatedly merges the adjacent pair whose *result token*
+has the highest score, over the whole text. Hugging Face instead pre-tokenizes (XVERSE: punctuation
+isolated, digits one by one, a new piece at every `▁`) and merges pairs by *merge rank* inside
+each piece. Three things make the two agree (measured in docs/tokenizer-parity.md):
+
+* scores from merge ranks: a token's score is minus the rank of the first merge that makes it,
+  so llama.cpp merges in Hugging Face's order;
+* tokens Hugging Face can never produce mid-text (they would cross a pre-tokenizer boundary, or
+  no merge path reaches them) are renamed to guarded placeholder text that no input can form,
+  so llama.cpp cannot merge across punctuation, digits or `▁`;
+* the space prefix, BOS/EOS behaviour and special tokens are written explicitly from what the
+  Hugging Face tokenizer does, not from llama.cpp's defaults.
+
+The other encoding llama.cpp offers for BPE (`gpt2` with a merges list and a pre-tokenizer type)
+never adds the leading `▁` to the first word, so it cannot match; see the docs for the numbers.
+"""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
 
 from xvq.errors import XvqError
 
+TT = gguf.TokenType
+SPACE = "\u2581"  # ▁, SentencePiece's escaped space
+# Private-use characters for placeholder text; the first one absent from a vocabulary guards it.
+GUARDS = ("\ue000", "\ue001", "\ue002", "\uf8ff")
 
-def pad_token(i: int) -> str:
-    return f"<|pad{i}|>"
+
+@dataclass
+class Vocab:
+    """Everything `tokenizer.ggml.*` needs, plus what was done to get parity."""
+    tokens: list[str]
+    scores: list[float]
+    types: list[int]
+    source: Path
+    add_space_prefix: bool = True
+    add_bos: bool | None = None
+    add_eos: bool | None = None
+    renamed: dict[int, str] = field(default_factory=dict)   # id -> original text (never formed by HF)
+    start_only: dict[int, str] = field(default_factory=dict)  # subset of renamed: HF forms them only at text start
+    notes: list[str] = field(default_factory=list)
+    guard: str = GUARDS[0]
+
+    def placeholder(self, body: str) -> str:
+        """Text no input can form: llama.cpp's SPM merge only builds vocabulary strings from adjacent
+        vocabulary strings, and any split of guard+body+guard leaves a part that contains the guard
+        but is neither a single character nor a token."""
+        return f"{self.guard}{body}{self.guard}"
 
 
-def _bpe_json_vocab(path: Path) -> tuple[list[str], list[float], list[int]]:
-    tok = json.loads(path.read_text(encoding="utf-8"))
-    vocab: dict[str, int] = tok["model"]["vocab"]
-    added = {a["id"]: a for a in tok.get("added_tokens", [])}
+def pad_token(vocab: Vocab, i: int) -> str:
+    return vocab.placeholder(f"pad{i}")
+
+
+# --- tokenizer.json (BPE with byte fallback: XVERSE, LLaMA-HF) ---------------------------------
+
+def _merge_pairs(raw: list) -> list[tuple[str, str]]:
+    """Merges come as "a b" strings (old format) or [a, b] lists (tokenizers >= 0.20)."""
+    if raw and isinstance(raw[0], str):
+        return [tuple(m.split(" ", 1)) for m in raw]
+    return [(a, b) for a, b in raw]
+
+
+def _is_byte_token(t: str) -> bool:
+    return len(t) == 6 and t.startswith("<0x") and t.endswith(">")
+
+
+def _pre_tokenizer_variants(tj: dict):
+    """The tokenizer's own pre-tokenizer, once as mid-text (no prefix) and once as start of text.
+    None when there is none (LLaMA-HF: every piece of text is one word)."""
+    from tokenizers import Tokenizer
+    pre = tj.get("pre_tokenizer")
+    if not pre:
+        return None, None
+
+    def with_scheme(scheme: str):
+        def patch(node):
+            if isinstance(node, dict):
+                if node.get("type") == "Metaspace":
+                    node = dict(node, prepend_scheme=scheme, add_prefix_space=scheme != "never")
+                return {k: patch(v) for k, v in node.items()}
+            if isinstance(node, list):
+                return [patch(v) for v in node]
+            return node
+        return Tokenizer.from_str(json.dumps(dict(tj, pre_tokenizer=patch(pre)))).pre_tokenizer
+    return with_scheme("never"), with_scheme("first")
+
+
+def _pieces(pre, text: str) -> list[str]:
+    return [p for p, _ in pre.pre_tokenize_str(text)]
+
+
+def _reachability(tj: dict, tokens: list[str], pairs: list[tuple[str, str]], plain: set[int]) -> dict[str, str]:
+    """'mid' for text Hugging Face can produce anywhere, 'start' only at the start of a text; tokens
+    absent are never produced. A token is produced when a chain of merges builds it from single
+    characters inside one pre-tokenizer piece."""
+    mid_pre, first_pre = _pre_tokenizer_variants(tj)
+    candidates = {tokens[i] for i in plain}
+
+    def status(t: str) -> str | None:
+        if mid_pre is None or _pieces(mid_pre, t) == [t]:
+            return "mid"
+        if t.startswith(SPACE) and len(t) > 1 and _pieces(first_pre, t[1:]) == [t]:
+            return "start"
+        return None
+
+    reach: dict[str, str] = {}
+    for t in candidates:
+        if len(t) == 1:
+            reach[t] = status(t) or "mid"
+    changed = True
+    while changed:  # alternate merges may reference tokens made by later merges
+        changed = False
+        for a, b in pairs:
+            t = a + b
+            if t in reach or a not in reach or b not in reach or t not in candidates:
+                continue
+            s = status(t)
+            if s is not None:
+                reach[t] = s
+                changed = True
+    return reach
+
+
+def _hf_behaviour(path: Path) -> tuple[bool, bool, bool]:
+    """(space prefix, add BOS, add EOS) as the Hugging Face tokenizer actually does them."""
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(path))
+    plain = tok.encode("a", add_special_tokens=False)
+    prefix = "".join(plain.tokens).startswith(SPACE)
+    with_special = tok.encode("a", add_special_tokens=True).ids
+    n = len(plain.ids)
+    front = next((k for k in range(len(with_special) - n + 1) if with_special[k:k + n] == plain.ids), 0)
+    add_bos, add_eos = front > 0, len(with_special) - front - n > 0
+    return prefix, bool(add_bos), bool(add_eos)
+
+
+def _choose_guard(tokens: list[str]) -> str:
+    used = set("".join(tokens))
+    for g in GUARDS:
+        if g not in used:
+            return g
+    raise XvqError("tokenizer: every private-use guard character is a token; cannot build placeholders")
+
+
+def json_vocab(path: Path) -> Vocab:
+    tj = json.loads(path.read_text(encoding="utf-8"))
+    model = tj.get("model") or {}
+    if model.get("type") != "BPE" or not model.get("byte_fallback"):
+        raise XvqError(f"{path}: tokenizer model {model.get('type')} without byte fallback is not supported; "
+                       f"xvq converts SentencePiece-style BPE (XVERSE, LLaMA): use the model's original tokenizer")
+    vocab: dict[str, int] = model["vocab"]
+    pairs = _merge_pairs(model.get("merges") or [])
+    added = {a["id"]: a for a in tj.get("added_tokens", [])}
     n = max(list(vocab.values()) + list(added)) + 1
-    tokens = [""] * n
+    tokens: list[str | None] = [None] * n
     for piece, i in vocab.items():
         tokens[i] = piece
     for i, a in added.items():
         tokens[i] = a["content"]
-    scores = [-float(i) for i in range(n)]
-    types = []
+    holes = [i for i, t in enumerate(tokens) if t is None]
+
+    rank: dict[str, int] = {}
+    for r, (a, b) in enumerate(pairs):
+        rank.setdefault(a + b, r)
+    unk = model.get("unk_token")
+    plain = {i for i, t in enumerate(tokens) if t is not None and i not in added and not _is_byte_token(t)}
+    reach = _reachability(tj, tokens, pairs, plain)
+
+    v = Vocab(tokens=[], scores=[], types=[], source=path, guard=_choose_guard([t for t in tokens if t]))
     for i, t in enumerate(tokens):
-        if i in added:
-            types.append(gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED)
-        elif t.startswith("<0x") and len(t) == 6 and t.endswith(">"):
-            types.append(gguf.TokenType.BYTE)
-        elif t == "<unk>":
-            types.append(gguf.TokenType.UNKNOWN)
+        kind, score = TT.NORMAL, 0.0
+        if t is None:
+            t, kind = v.placeholder(f"hole{i}"), TT.UNUSED
+        elif i in added:
+            kind = TT.CONTROL if added[i].get("special") else TT.USER_DEFINED
+            if t == unk:
+                kind = TT.UNKNOWN
+        elif _is_byte_token(t):
+            kind = TT.BYTE
+        elif reach.get(t) != "mid":
+            v.renamed[i] = t
+            if reach.get(t) == "start":
+                v.start_only[i] = t
+            t, kind = v.placeholder(f"unreachable{i}"), TT.UNUSED
         else:
-            types.append(gguf.TokenType.NORMAL)
-    return tokens, scores, types
+            score = -float(rank[t] + 1) if t in rank else 0.0
+        v.tokens.append(t)
+        v.scores.append(score)
+        v.types.append(kind)
+    if holes:
+        v.notes.append(f"{len(holes)} ids without a token, written as unused placeholders")
+    if model.get("ignore_merges"):
+        v.notes.append("ignore_merges is set: whole-word vocabulary hits are not reproduced by llama.cpp")
+    v.add_space_prefix, v.add_bos, v.add_eos = _hf_behaviour(path)
+    return v
 
 
-def _spm_vocab(path: Path) -> tuple[list[str], list[float], list[int]]:
+# --- tokenizer.model (SentencePiece: LLaMA, Ziya) ----------------------------------------------
+
+def spm_vocab(path: Path) -> Vocab:
     import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as pb
     sp = spm.SentencePieceProcessor(model_file=str(path))
-    tokens, scores, types = [], [], []
+    proto = pb.ModelProto()
+    proto.ParseFromString(path.read_bytes())
+    v = Vocab(tokens=[], scores=[], types=[], source=path)
+    user: list[int] = []
     for i in range(sp.vocab_size()):
-        tokens.append(sp.id_to_piece(i))
-        scores.append(sp.get_score(i))
-        t = gguf.TokenType.NORMAL
+        v.tokens.append(sp.id_to_piece(i))
+        v.scores.append(sp.get_score(i))
+        t = TT.NORMAL
         if sp.is_unknown(i):
-            t = gguf.TokenType.UNKNOWN
+            t = TT.UNKNOWN
         elif sp.is_control(i):
-            t = gguf.TokenType.CONTROL
+            t = TT.CONTROL
         elif sp.is_unused(i):
-            t = gguf.TokenType.UNUSED
+            t = TT.UNUSED
         elif sp.is_byte(i):
-            t = gguf.TokenType.BYTE
-        types.append(t)
-    return tokens, scores, types
+            t = TT.BYTE
+        elif proto.pieces[i].type == pb.ModelProto.SentencePiece.USER_DEFINED:
+            user.append(i)
+        v.types.append(t)
+    _user_defined_as_normal(v, user)
+    norm = proto.normalizer_spec
+    v.add_space_prefix = bool(norm.add_dummy_prefix)
+    if norm.name not in ("identity", "") or norm.remove_extra_whitespaces:
+        v.notes.append(f"normalizer {norm.name!r} (remove_extra_whitespaces={norm.remove_extra_whitespaces}) "
+                       f"is not applied by llama.cpp")
+    return v
 
 
-def add_vocab(writer: gguf.GGUFWriter, model_dir: Path, n_vocab: int, kind: str = "auto") -> dict:
-    """Write tokenizer.ggml.* keys; rows past the tokenizer up to n_vocab become unused pads."""
+def _user_defined_as_normal(v: Vocab, user: list[int]) -> None:
+    """SentencePiece matches user-defined pieces (Ziya's and Chinese-LLaMA's added Chinese words)
+    atomically, before any merge. llama.cpp's USER_DEFINED type would cut the text around them and
+    prefix the rest with `▁`, so they are written NORMAL with the top score: llama.cpp then forms
+    them first, exactly, whenever their characters can be merged into them."""
+    if not user:
+        return
+    top = max(v.scores) + 1.0
+    for i in user:
+        v.types[i], v.scores[i] = TT.NORMAL, top
+    formable = _formable(v.tokens)
+    stuck = [v.tokens[i] for i in user if v.tokens[i] not in formable]
+    if stuck:
+        v.notes.append(f"{len(stuck)} user-defined pieces have no merge path in llama.cpp (e.g. {stuck[:3]}); "
+                       f"texts containing them tokenize differently")
+
+
+def _formable(tokens: list[str]) -> set[str]:
+    """Strings llama.cpp's SPM merge can build: single characters, and tokens that split into
+    two formable parts."""
+    vocab = set(tokens)
+    memo: dict[str, bool] = {}
+
+    def ok(t: str) -> bool:
+        if len(t) == 1:
+            return True
+        if t not in memo:
+            memo[t] = False  # no cycles: parts are shorter
+            memo[t] = t in vocab and any(ok(t[:k]) and ok(t[k:]) for k in range(1, len(t)))
+        return memo[t]
+    return {t for t in tokens if ok(t)}
+
+
+# --- entry points ------------------------------------------------------------------------------
+
+def read_vocab(model_dir: Path, kind: str = "auto") -> Vocab:
+    model_dir = Path(model_dir)
     spm_file, json_file = model_dir / "tokenizer.model", model_dir / "tokenizer.json"
     if kind in ("spm", "auto") and spm_file.is_file():
-        tokens, scores, types = _spm_vocab(spm_file)
+        v = spm_vocab(spm_file)
+        default_bos, default_eos = True, False
     elif json_file.is_file():
-        tokens, scores, types = _bpe_json_vocab(json_file)
+        v = json_vocab(json_file)
+        default_bos, default_eos = v.add_bos, v.add_eos
     else:
         raise XvqError(f"{model_dir}: no tokenizer.json or tokenizer.model; copy the tokenizer files "
                        f"into the model folder")
-    if len(tokens) > n_vocab:
+    cfg = _tokenizer_config(model_dir)
+    # transformers lets tokenizer_config.json override what the tokenizer files do
+    v.add_bos = cfg["add_bos_token"] if isinstance(cfg.get("add_bos_token"), bool) else default_bos
+    v.add_eos = cfg["add_eos_token"] if isinstance(cfg.get("add_eos_token"), bool) else default_eos
+    return v
+
+
+def _tokenizer_config(model_dir: Path) -> dict:
+    f = model_dir / "tokenizer_config.json"
+    if not f.is_file():
+        return {}
+    try:
+        return json.loads(f.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise XvqError(f"{f}: not valid JSON ({e.msg} at line {e.lineno}); fix or remove the file") from e
+
+
+def pad_vocab(v: Vocab, n_vocab: int, model_dir: Path) -> None:
+    """Rows past the tokenizer (XVERSE: 100,257 tokens, 100,534 rows) become unused placeholders."""
+    if len(v.tokens) > n_vocab:
         raise XvqError(f"{model_dir / 'config.json'}: vocab_size {n_vocab} is smaller than the tokenizer's "
-                       f"{len(tokens)} entries; fix vocab_size or the tokenizer")
-    for i in range(len(tokens), n_vocab):
-        tokens.append(pad_token(i))
-        scores.append(-1e9)
-        types.append(gguf.TokenType.UNUSED)
+                       f"{len(v.tokens)} entries; fix vocab_size or the tokenizer")
+    for i in range(len(v.tokens), n_vocab):
+        v.tokens.append(pad_token(v, i))
+        v.scores.append(0.0)
+        v.types.append(TT.UNUSED)
+
+
+def write_vocab(writer: gguf.GGUFWriter, v: Vocab, model_dir: Path, n_vocab: int) -> None:
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
+    writer.add_token_list(v.tokens)
+    writer.add_token_scores(v.scores)
+    writer.add_token_types(v.types)
+    writer.add_add_space_prefix(v.add_space_prefix)
     special = gguf.SpecialVocab(model_dir, load_merges=False, n_vocab=n_vocab)
+    special.add_special_token = {"bos": bool(v.add_bos), "eos": bool(v.add_eos)}
     special.add_to_gguf(writer, quiet=True)
-    return {"n_tokens": len(tokens)}
+
+
+def add_vocab(writer: gguf.GGUFWriter, model_dir: Path, n_vocab: int, kind: str = "auto") -> dict:
+    """Write tokenizer.ggml.*; returns a summary (n_tokens, renamed, notes) for the caller."""
+    model_dir = Path(model_dir)
+    v = read_vocab(model_dir, kind)
+    n_tok = len(v.tokens)
+    pad_vocab(v, n_vocab, model_dir)
+    write_vocab(writer, v, model_dir, n_vocab)
+    return {"n_tokens": n_tok, "n_rows": n_vocab, "source": v.source.name, "renamed": len(v.renamed),
+            "start_only": sorted(v.start_only.values()), "add_bos": v.add_bos, "notes": v.notes}
+
+
+def write_vocab_only_gguf(path: Path, model_dir: Path, n_vocab: int | None = None, kind: str = "auto",
+                          vocab: Vocab | None = None) -> Path:
+    """A GGUF with only the vocabulary and the minimal hyperparameters llama.cpp reads, for loading
+    with `Llama(path, vocab_only=True)`: tests the tokenizer of a 100k vocab without weights.
+    `vocab` writes a given (e.g. modified, for bench/) vocabulary instead of reading model_dir's."""
+    model_dir, path = Path(model_dir), Path(path)
+    v = vocab or read_vocab(model_dir, kind)
+    n_vocab = n_vocab or len(v.tokens)
+    pad_vocab(v, n_vocab, model_dir)
+    w = vocab_only_writer(path, n_vocab)
+    write_vocab(w, v, model_dir, n_vocab)
+    finish(w)
+    return path
+
+
+def vocab_only_writer(path: Path, n_vocab: int, arch: str = "llama") -> gguf.GGUFWriter:
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_context_length(4096)
+    w.add_embedding_length(64)
+    w.add_block_count(1)
+    w.add_feed_forward_length(128)
+    w.add_head_count(1)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_vocab_size(n_vocab)
+    return w
+
+
+def finish(w: gguf.GGUFWriter) -> None:
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()

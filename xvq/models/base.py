@@ -24,6 +24,9 @@ class SourceTensor:
     dtype: str
     rows: RowReader
     file: str = ""
+    # Rows in the stored dtype (float32/float16/float64 as is, bfloat16 as its uint16 bits), for
+    # bit-exact arithmetic (delta merging); None where the reader cannot provide them.
+    raw_rows: RowReader | None = None
 
     @property
     def n_rows(self) -> int:

@@ -1,0 +1,150 @@
+"""xvq's importance matrix against llama.cpp's own llama-imatrix (same model, same text), its
+GGUF/legacy file formats, and MoE expert statistics (MUL_MAT_ID)."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from conftest import FALLBACK_TEXT, shared
+from xvq import anchors
+from xvq.errors import XvqError
+from xvq.quantize.imatrix import Imatrix, compute_imatrix
+
+N_CTX = 128
+
+
+def anchor(name: str):
+    exe = anchors.tool(name)
+    if exe is None:
+        pytest.skip(f"llama.cpp tool {name} not built (python -m xvq.anchors build)")
+    return exe
+
+
+def llama_imatrix(model, text_file, out, *extra) -> None:
+    subprocess.run([str(anchor("llama-imatrix")), "-m", str(model), "-f", str(text_file), "-o", str(out),
+                    "-c", str(N_CTX), "-b", str(N_CTX), "--no-ppl", "-t", "2", *extra],
+                   check=True, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def stories(tmp_path_factory):
+    """(f32 GGUF of the trained stories260K, calibration text file)."""
+    from xvq.convert import convert
+    src = shared("stories260K-hf")
+    text = shared("corpus", "tinystories_sample", "TinyStories-valid-excerpt.txt").read_text()[:12000]
+    d = tmp_path_factory.mktemp("stories-imatrix")
+    (d / "calib.txt").write_text(text)
+    convert(src, d / "stories-f32.gguf", "f32", progress=False)
+    return d / "stories-f32.gguf", d / "calib.txt"
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory, xverse_tokenizer_dir):
+    """XVERSE-MoE-shaped (8 experts, top-2, 2 shared), decisive routing, as f32 GGUF + text."""
+    from xvq.convert import convert
+    from xvq.synth import make_checkpoint, tiny_config
+    d = tmp_path_factory.mktemp("tiny-moe")
+    model = d / "model"
+    shutil.copytree(xverse_tokenizer_dir, model)
+    n_tok = len(json.loads((model / "tokenizer.json").read_text())["model"]["vocab"])
+    make_checkpoint(model, tiny_config("xverse-moe", vocab_size=n_tok), router_scale=4.0)
+    convert(model, d / "moe-f32.gguf", "f32", progress=False)
+    (d / "calib.txt").write_text("\n".join(FALLBACK_TEXT[:60]))
+    return d / "moe-f32.gguf", d / "calib.txt"
+
+
+def assert_agrees_with_llama_imatrix(ours: Imatrix, ref: Imatrix) -> None:
+    assert sorted(ours.sums) == sorted(ref.sums)
+    assert ours.chunk_count == ref.chunk_count and ours.chunk_size == ref.chunk_size
+    for name in ref.sums:
+        # same tokens reach the same matrices (per expert for MUL_MAT_ID)
+        np.testing.assert_array_equal(ours.counts[name], ref.counts[name], err_msg=name)
+        for row_ours, row_ref in zip(ours.sums[name], ref.sums[name]):
+            cos = row_ours @ row_ref / (np.linalg.norm(row_ours) * np.linalg.norm(row_ref))
+            assert cos >= 0.99, (name, cos)
+        np.testing.assert_allclose(ours.sums[name], ref.sums[name], rtol=1e-3, err_msg=name)
+
+
+def test_matches_llama_imatrix_on_trained_model(stories, tmp_path):
+    model, text = stories
+    llama_imatrix(model, text, tmp_path / "ref.gguf")
+    ref = Imatrix.load(tmp_path / "ref.gguf")
+    ours = compute_imatrix(model, text.read_text(), dataset=str(text), n_ctx=N_CTX, progress=False)
+    assert_agrees_with_llama_imatrix(ours, ref)
+    assert min(ours.cosine(ref).values()) >= 0.99
+    assert ref.datasets == ours.datasets == [str(text)]
+
+
+def test_moe_expert_statistics_match_llama_imatrix(tiny_moe, tmp_path):
+    """MUL_MAT_ID: one row per expert, each over the tokens routed to it only."""
+    model, text = tiny_moe
+    llama_imatrix(model, text, tmp_path / "ref.gguf")
+    ref = Imatrix.load(tmp_path / "ref.gguf")
+    ours = compute_imatrix(model, text.read_text(), n_ctx=N_CTX, progress=False)
+    experts = [n for n in ref.sums if "_exps." in n]
+    assert experts and all(ref.sums[n].shape[0] == 8 for n in experts)
+    assert all(len(set(ref.counts[n])) > 1 for n in experts)   # routing is uneven, so per-expert counts matter
+    assert_agrees_with_llama_imatrix(ours, ref)
+
+
+def test_file_format_is_llama_imatrix_s(stories, tiny_moe, tmp_path):
+    """Loading llama-imatrix's file and saving it again reproduces it byte for byte (dense and MoE)."""
+    for model, text in (stories, tiny_moe):
+        ref_file = tmp_path / f"{model.stem}.imatrix.gguf"
+        llama_imatrix(model, text, ref_file)
+        out = Imatrix.load(ref_file).save(tmp_path / f"{model.stem}.again.gguf")
+        assert out.read_bytes() == ref_file.read_bytes()
+
+
+def test_legacy_dat_gives_the_same_means(stories, tmp_path):
+    model, text = stories
+    llama_imatrix(model, text, tmp_path / "ref.gguf")
+    llama_imatrix(model, text, tmp_path / "ref.dat", "--output-format", "dat")
+    g, d = Imatrix.load(tmp_path / "ref.gguf").values(), Imatrix.load(tmp_path / "ref.dat")
+    assert d.datasets == [str(text)] and d.chunk_count > 0
+    dv = d.values()
+    assert sorted(dv) == sorted(g)
+    for name in g:
+        np.testing.assert_allclose(dv[name], g[name], rtol=1e-6, err_msg=name)
+
+
+def test_routed_accumulation_by_hand():
+    """add_routed against an explicit loop over (token, slot): expert e sums x^2 of its tokens only."""
+    rng = np.random.default_rng(0)
+    n_tok, n_used, n_exp, cols = 7, 2, 4, 5
+    x = rng.normal(size=(n_tok, n_used, cols)).astype(np.float32)
+    ids = np.array([[0, 1], [1, 2], [0, 2], [2, 1], [0, 1], [1, 0], [2, 0]], np.int32)   # expert 3 unused
+    im = Imatrix()
+    im.add_routed("blk.0.ffn_up_exps.weight", x, ids, n_exp)
+    sums, counts = np.zeros((n_exp, cols)), np.zeros(n_exp, np.int64)
+    for t in range(n_tok):
+        for s in range(n_used):
+            sums[ids[t, s]] += x[t, s].astype(np.float64) ** 2
+            counts[ids[t, s]] += 1
+    np.testing.assert_allclose(im.sums["blk.0.ffn_up_exps.weight"], sums, rtol=1e-12)
+    np.testing.assert_array_equal(im.counts["blk.0.ffn_up_exps.weight"], counts)
+    v = im.values()["blk.0.ffn_up_exps.weight"].reshape(n_exp, cols)
+    np.testing.assert_array_equal(v[3], np.ones(cols, np.float32))   # unrouted expert: ones, like llama-quantize
+
+
+def test_rejects_imatrix_of_another_model(stories, tiny_moe):
+    import gguf
+    im = compute_imatrix(stories[0], stories[1].read_text(), n_ctx=N_CTX, n_chunks=2, progress=False)
+    moe_tensors = {t.name: tuple(int(x) for x in t.shape) for t in gguf.GGUFReader(tiny_moe[0]).tensors}
+    with pytest.raises(XvqError, match="another model"):
+        im.check_model(moe_tensors, tiny_moe[0])
+
+
+def test_rejects_files_that_are_not_imatrices(stories, tmp_path):
+    junk = tmp_path / "notes.txt"
+    junk.write_text("hello")
+    with pytest.raises(XvqError, match="imatrix"):
+        Imatrix.load(junk)
+    with pytest.raises(XvqError, match="is this a model file"):
+        Imatrix.load(stories[0])
+    with pytest.raises(XvqError, match="fewer than 2 chunks"):
+        compute_imatrix(stories[0], "too short", n_ctx=N_CTX, progress=False)

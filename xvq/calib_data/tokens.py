@@ -1,0 +1,70 @@
+"""Token counting for the calibration budget: the model's own tokenizer when given, otherwise a
+cheap estimate that needs nothing."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from xvq.errors import XvqError
+
+
+def _is_cjk(cp: int) -> bool:
+    """Han ideographs, kana, Hangul and CJK punctuation: roughly one token per character in the
+    tokenizers of CJK-capable models (and more in English-centred ones)."""
+    return (0x3000 <= cp <= 0x30FF or 0x3400 <= cp <= 0x4DBF or 0x4E00 <= cp <= 0x9FFF
+            or 0xAC00 <= cp <= 0xD7AF or 0x1100 <= cp <= 0x11FF or 0xF900 <= cp <= 0xFAFF
+            or 0xFF00 <= cp <= 0xFFEF or 0x20000 <= cp <= 0x2FFFF)
+
+
+def estimate_tokens(text: str) -> int:
+    """The default count when no tokenizer is given: 1 per CJK character, 1 per 4 other ASCII
+    characters (English-like text and code), 1 per 2 other non-ASCII characters (Cyrillic, Greek,
+    accented Latin, Arabic, Hebrew, Indic, Thai: scripts that BPE vocabularies split finer);
+    whitespace is free. An estimate for budgeting only, within about a factor of 2 of real
+    tokenizers."""
+    cjk = ascii_chars = other = 0
+    for ch in text:
+        cp = ord(ch)
+        if ch.isspace():
+            continue
+        if cp < 128:
+            ascii_chars += 1
+        elif _is_cjk(cp):
+            cjk += 1
+        else:
+            other += 1
+    return cjk + math.ceil(ascii_chars / 4 + other / 2)
+
+
+class TokenCounter:
+    """count(text) -> tokens. `name` says which counter it is (for reports and dataset names)."""
+
+    def __init__(self, tokenizer_dir: Path | str | None = None):
+        self.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else None
+        self._encode = estimate_tokens if self.tokenizer_dir is None else _load_encoder(self.tokenizer_dir)
+        self.name = "estimate" if self.tokenizer_dir is None else self.tokenizer_dir.name
+
+    def count(self, text: str) -> int:
+        return self._encode(text) if text else 0
+
+
+def _load_encoder(folder: Path):
+    """tokenizer.json through `tokenizers` (fast, no model code); a SentencePiece-only folder
+    through transformers. Special tokens (BOS/EOS) are not counted: llama-imatrix adds its own."""
+    if not folder.is_dir():
+        raise XvqError(f"{folder}: tokenizer folder not found; pass --tokenizer a folder with tokenizer.json or tokenizer.model")
+    if (folder / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+        try:
+            tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as e:
+            raise XvqError(f"{folder / 'tokenizer.json'}: cannot be read as a tokenizer ({e}); pass a valid tokenizer folder") from e
+        return lambda text: len(tok.encode(text, add_special_tokens=False).ids)
+    if (folder / "tokenizer.model").is_file():
+        from transformers import AutoTokenizer
+        try:
+            tok = AutoTokenizer.from_pretrained(str(folder))
+        except Exception as e:
+            raise XvqError(f"{folder}: cannot load the tokenizer ({e}); pass a valid tokenizer folder") from e
+        return lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
+    raise XvqError(f"{folder}: no tokenizer.json or tokenizer.model; pass --tokenizer the model folder")

@@ -1,0 +1,350 @@
+"""Delta weights (Ziya-LLaMA's way of publishing a LLaMA fine-tune): merge them onto the base,
+make them from a fine-tune, verify a merge.
+
+The published procedure, reproduced bit for bit but streamed: for every tensor of equal shape,
+target = base.to(delta.dtype) + delta, computed in the delta's dtype; vocabulary tensors whose
+rows differ (an extended vocabulary: embed_tokens, lm_head) are the delta's as they are; buffers
+the family skips (rotary inv_freq) are dropped; config and tokenizer are the delta's.
+
+Memory stays near one row block, not two models: both inputs are memory-mapped, the output
+safetensors headers are planned up front and each tensor's bytes are written as they are computed.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import click
+import numpy as np
+from tqdm import tqdm
+
+from xvq.checkpoint import Checkpoint, open_checkpoint, weight_files
+from xvq.errors import XvqError
+from xvq.fsio import atomic_output
+from xvq.models import SourceTensor, family_for
+
+# safetensors dtype name -> numpy storage dtype (bfloat16 is kept as its uint16 bits)
+STORAGE = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
+_CANONICAL = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64",
+              "F32": "F32", "F16": "F16", "BF16": "BF16", "F64": "F64"}
+INDEX_NAME = "model.safetensors.index.json"
+DEFAULT_SHARD_SIZE = "2GB"
+BLOCK_BYTES = 64 << 20
+
+
+def st_dtype(src: SourceTensor) -> str:
+    """The tensor's dtype as safetensors names it, whichever format it was read from."""
+    try:
+        return _CANONICAL[src.dtype]
+    except KeyError:
+        raise XvqError(f"{src.file}: tensor {src.name} has dtype {src.dtype}; delta merging needs "
+                       f"F32, F16 or BF16 weights") from None
+
+
+# --- exact dtype arithmetic (torch's rounding: round to nearest even, via float32) ---
+
+def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits exactly as torch's c10::BFloat16 rounds (RNE, NaN -> 0x7FC0)."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = ((u + (((u >> 16) & 1) + np.uint32(0x7FFF))) >> 16).astype(np.uint16)
+    return np.where(np.isnan(x), np.uint16(0x7FC0), rounded)
+
+
+def widen(block: np.ndarray, dtype: str) -> np.ndarray:
+    """Storage rows -> float32 (float64 stays float64): exact for every supported dtype."""
+    if dtype == "BF16":
+        return bf16_bits_to_f32(block)
+    return block if dtype in ("F32", "F64") else block.astype(np.float32)
+
+
+@np.errstate(over="ignore")
+def narrow(x: np.ndarray, dtype: str) -> np.ndarray:
+    """float32/64 -> storage rows of `dtype`, rounding to nearest even."""
+    if dtype == "BF16":
+        return f32_to_bf16_bits(x.astype(np.float32, copy=False))
+    return x.astype(STORAGE[dtype], copy=False)
+
+
+@np.errstate(over="ignore")
+def cast(block: np.ndarray, src: str, dst: str) -> np.ndarray:
+    """torch's `t.to(dst)` on storage rows."""
+    if src == dst:
+        return block
+    if dst == "F16" and src in ("F32", "F64"):
+        return block.astype(np.float16)  # one rounding, as torch does
+    return narrow(widen(block, src), dst)
+
+
+@np.errstate(over="ignore")  # overflow to inf is the result torch gives too
+def combine(a: np.ndarray, b: np.ndarray, dtype: str, op: Callable) -> np.ndarray:
+    """`a op b` for storage rows of `dtype` with torch's result: float16/bfloat16 are computed in
+    float32 and rounded once, which equals the correctly rounded result (float32 has at least
+    2p+2 bits for both), as torch's CPU kernels do."""
+    if dtype == "F16":
+        return op(a.astype(np.float32), b.astype(np.float32)).astype(np.float16)
+    if dtype == "BF16":
+        return f32_to_bf16_bits(op(bf16_bits_to_f32(a), bf16_bits_to_f32(b)))
+    return op(a, b)
+
+
+# --- planning: which tensor comes from where ---
+
+@dataclass
+class Step:
+    """One output tensor: `first op second.to(first's dtype)`, or `first` as it is (op None)."""
+    name: str
+    first: SourceTensor          # the delta (apply) or the target (make): its dtype is the output's
+    second: SourceTensor | None  # the base, when combined
+    op: Callable | None
+
+    @property
+    def dtype(self) -> str:
+        return st_dtype(self.first)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.first.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * np.dtype(STORAGE[self.dtype]).itemsize
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        """The output's rows in storage dtype, a block at a time."""
+        n_rows, cols = self.first.n_rows, (self.shape[-1] if self.shape else 1)
+        per = max(1, BLOCK_BYTES // max(1, cols * 4))
+        for start in range(0, n_rows, per):
+            sel = slice(start, min(n_rows, start + per))
+            out = raw(self.first, sel)
+            if self.op is not None:
+                out = combine(out, cast(raw(self.second, sel), st_dtype(self.second), self.dtype), self.dtype, self.op)
+            yield np.ascontiguousarray(out)
+
+
+def raw(src: SourceTensor, sel) -> np.ndarray:
+    if src.raw_rows is None:
+        raise XvqError(f"{src.file}: tensor {src.name} cannot be read in its stored dtype; "
+                       f"convert the checkpoint to safetensors")
+    return src.raw_rows(sel)
+
+
+def is_vocab_tensor(shape_a, shape_b, vocab_a: int, vocab_b: int) -> bool:
+    """Rows indexed by token id on both sides: differing row counts are an extended vocabulary."""
+    return (len(shape_a) == len(shape_b) and tuple(shape_a[1:]) == tuple(shape_b[1:])
+            and shape_a[0] == vocab_a and shape_b[0] == vocab_b)
+
+
+def plan(outer: Checkpoint, base: Checkpoint, op: Callable, outer_role: str) -> list[Step]:
+    """Pair `outer` (delta or target) with `base` tensor by tensor, checking names and shapes first,
+    so a mismatch stops the run before anything is written."""
+    fam = family_for(outer.config, str(outer.folder / "config.json"))
+    keep = lambda t: {n: s for n, s in t.items() if not fam.skip_tensor(n)}  # noqa: E731
+    mine, theirs = keep(outer.tensors), keep(base.tensors)
+    for name in mine.keys() - theirs.keys():
+        raise XvqError(f"{mine[name].file}: tensor {name} of the {outer_role} is not in the base "
+                       f"({base.folder}); use the base model the {outer_role} was made against")
+    for name in theirs.keys() - mine.keys():
+        raise XvqError(f"{theirs[name].file}: tensor {name} of the base is missing from the {outer_role} "
+                       f"({outer.folder}); use the base model the {outer_role} was made against")
+    vocab_outer, vocab_base = outer.config.get("vocab_size", -1), base.config.get("vocab_size", -1)
+    steps = []
+    for name, t in mine.items():
+        b = theirs[name]
+        st_dtype(t), st_dtype(b)  # unsupported dtypes stop here, before anything is written
+        if tuple(t.shape) == tuple(b.shape):
+            steps.append(Step(name, t, b, op))
+        elif is_vocab_tensor(t.shape, b.shape, vocab_outer, vocab_base):
+            steps.append(Step(name, t, None, None))
+        else:
+            raise XvqError(f"{t.file}: tensor {name} has shape {list(t.shape)} in the {outer_role} but "
+                           f"{list(b.shape)} in the base ({b.file}); use the base model the {outer_role} "
+                           f"was made against")
+    return steps
+
+
+# --- writing: safetensors shards planned up front, data streamed ---
+
+def shard_groups(steps: list[Step], max_bytes: int) -> list[list[Step]]:
+    groups: list[list[Step]] = [[]]
+    size = 0
+    for s in steps:
+        if groups[-1] and max_bytes and size + s.nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(s)
+        size += s.nbytes
+    return groups
+
+
+def safetensors_header(steps: list[Step]) -> bytes:
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for s in steps:
+        header[s.name] = {"dtype": s.dtype, "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}
+        offset += s.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    return len(text).to_bytes(8, "little") + text
+
+
+def write_shards(steps: list[Step], folder: Path, max_bytes: int, desc: str) -> None:
+    groups = shard_groups(steps, max_bytes)
+    names = [f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors" for k in range(len(groups))]
+    weight_map = {}
+    with tqdm(total=sum(s.nbytes for s in steps), desc=desc, unit="B", unit_scale=True, leave=False) as bar:
+        for fname, group in zip(names, groups):
+            with (folder / fname).open("wb") as f:
+                f.write(safetensors_header(group))
+                for s in group:
+                    bar.set_postfix_str(s.name, refresh=False)
+                    for block in s.blocks():
+                        f.write(block.tobytes())
+                        bar.update(block.nbytes)
+                    weight_map[s.name] = fname
+    index = {"metadata": {"total_size": sum(s.nbytes for s in steps)}, "weight_map": weight_map}
+    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+def non_weight_files(folder: Path) -> list[Path]:
+    """config, generation config, tokenizer files...: everything but the weights and their index."""
+    weights = set(weight_files(folder))
+    skip = {INDEX_NAME, "pytorch_model.bin.index.json"}
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and p not in weights and p.name not in skip and not p.name.startswith("."))
+
+
+def _write_model(steps: list[Step], files_from: Path, outdir: Path, shard_size: str | int, desc: str) -> Path:
+    from xvq.convert.writer import parse_size
+    try:
+        max_bytes = parse_size(shard_size)
+    except ValueError as e:
+        raise XvqError(f"--shard-size: {e}") from None
+    outdir = Path(outdir)
+    with atomic_output(outdir, is_dir=True) as tmp:
+        for p in non_weight_files(files_from):
+            shutil.copy2(p, tmp / p.name)
+        write_shards(steps, tmp, max_bytes, desc)
+    return outdir
+
+
+def _open_pair(a: Path | str, b: Path | str) -> tuple[Checkpoint, Checkpoint]:
+    a, b = open_checkpoint(a), open_checkpoint(b)
+    if a.folder.resolve() == b.folder.resolve():
+        raise XvqError(f"{a.folder}: given as both models; point --base at the original LLaMA")
+    return a, b
+
+
+# --- the three operations ---
+
+def apply_delta(base: Path | str, delta: Path | str, outdir: Path | str, *,
+                shard_size: str | int = DEFAULT_SHARD_SIZE) -> Path:
+    """Merge `delta` onto `base` (the published procedure) into `outdir`: sharded safetensors,
+    index, and the delta's config and tokenizer."""
+    d, b = _open_pair(delta, base)
+    steps = plan(d, b, np.add, "delta")
+    return _write_model(steps, d.folder, Path(outdir), shard_size, "delta apply")
+
+
+def make_delta(base: Path | str, target: Path | str, outdir: Path | str, *,
+               shard_size: str | int = DEFAULT_SHARD_SIZE) -> Path:
+    """The inverse: delta = target - base.to(target's dtype) for equal shapes, extended vocab
+    tensors whole; the target's config and tokenizer."""
+    t, b = _open_pair(target, base)
+    steps = plan(t, b, np.subtract, "target")
+    return _write_model(steps, t.folder, Path(outdir), shard_size, "delta make")
+
+
+@dataclass
+class Mismatch:
+    name: str
+    reason: str
+
+
+def check_merge(base: Path | str, delta: Path | str, merged: Path | str) -> list[Mismatch]:
+    """Every tensor of `merged` equals base + delta bit for bit (same names, dtypes, shapes), and
+    its config and tokenizer files are the delta's. Returns what differs (empty: verified)."""
+    d, b = _open_pair(delta, base)
+    m = open_checkpoint(merged)
+    steps = plan(d, b, np.add, "delta")
+    fam = family_for(m.config, str(m.folder / "config.json"))
+    got = {n: t for n, t in m.tensors.items() if not fam.skip_tensor(n)}
+    bad = [Mismatch(n, "not in base + delta") for n in sorted(got.keys() - {s.name for s in steps})]
+    for s in tqdm(steps, desc="delta check", leave=False):
+        t = got.get(s.name)
+        if t is None:
+            bad.append(Mismatch(s.name, "missing"))
+        elif (st_dtype(t), tuple(t.shape)) != (s.dtype, s.shape):
+            bad.append(Mismatch(s.name, f"{st_dtype(t)} {list(t.shape)}, expected {s.dtype} {list(s.shape)}"))
+        else:
+            differing = count_differing(s, t)
+            if differing:
+                bad.append(Mismatch(s.name, f"{differing} of {int(np.prod(s.shape))} values differ"))
+    for p in non_weight_files(d.folder):
+        q = m.folder / p.name
+        if not q.is_file():
+            bad.append(Mismatch(p.name, "missing (the delta's file)"))
+        elif p.name == "config.json":
+            if json.loads(q.read_text(encoding="utf-8")) != d.config:
+                bad.append(Mismatch(p.name, "differs from the delta's"))
+        elif q.read_bytes() != p.read_bytes():
+            bad.append(Mismatch(p.name, "differs from the delta's"))
+    return bad
+
+
+def count_differing(step: Step, merged: SourceTensor) -> int:
+    """Values whose bits differ (so NaNs compare by their bits too)."""
+    n, start = 0, 0
+    for block in step.blocks():
+        got = np.ascontiguousarray(raw(merged, slice(start, start + block.shape[0]))).reshape(block.shape)
+        bits = np.dtype(f"u{block.itemsize}")
+        n += int(np.count_nonzero(got.view(bits) != block.view(bits)))
+        start += block.shape[0]
+    return n
+
+
+# --- CLI ---
+
+@click.group("delta")
+def delta_group():
+    """Delta weights (e.g. Ziya-LLaMA): merge onto the base model, make, verify."""
+
+
+@delta_group.command("apply")
+@click.option("--base", required=True, type=click.Path(path_type=Path), help="The original LLaMA folder (HF format).")
+@click.option("--delta", "delta_dir", required=True, type=click.Path(path_type=Path), help="The released delta folder.")
+@click.option("--outdir", type=click.Path(path_type=Path), help="Where to write the merged model.")
+@click.option("--check", "check_dir", type=click.Path(path_type=Path),
+              help="Instead of writing, verify this merged folder against base + delta.")
+@click.option("--shard-size", default=DEFAULT_SHARD_SIZE, show_default=True, help="Largest safetensors shard.")
+def apply_cmd(base, delta_dir, outdir, check_dir, shard_size):
+    """target = base + delta, tensor by tensor, in the delta's dtype (the published procedure)."""
+    if (outdir is None) == (check_dir is None):
+        raise XvqError("xvq delta apply: give exactly one of --outdir DIR (merge) or --check DIR (verify)")
+    if check_dir is not None:
+        bad = check_merge(base, delta_dir, check_dir)
+        for m in bad[:20]:
+            click.echo(f"{m.name}: {m.reason}", err=True)
+        if bad:
+            raise XvqError(f"{check_dir}: {len(bad)} tensors/files differ from base + delta (first: {bad[0].name}); "
+                           f"merge again with `xvq delta apply`")
+        click.echo(f"{check_dir}: verified, equal to base + delta bit for bit")
+        return
+    out = apply_delta(base, delta_dir, outdir, shard_size=shard_size)
+    click.echo(f"wrote {out}")
+
+
+@delta_group.command("make")
+@click.option("--base", required=True, type=click.Path(path_type=Path), help="The original model folder.")
+@click.option("--target", required=True, type=click.Path(path_type=Path), help="The fine-tuned model folder.")
+@click.option("--outdir", required=True, type=click.Path(path_type=Path), help="Where to write the delta.")
+@click.option("--shard-size", default=DEFAULT_SHARD_SIZE, show_default=True, help="Largest safetensors shard.")
+def make_cmd(base, target, outdir, shard_size):
+    """delta = target - base in the target's dtype; extended vocabulary tensors whole."""
+    out = make_delta(base, target, outdir, shard_size=shard_size)
+    click.echo(f"wrote {out}")

@@ -1,0 +1,55 @@
+"""`xvq quantize gguf` (and `xvq quantize gptq`, registered from gptq_cli when present)."""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import click
+
+
+@click.group("quantize", context_settings={"help_option_names": ["-h", "--help"]})
+def quantize_group():
+    """Quantize a model: llama.cpp GGUF types with an importance matrix, or GPTQ."""
+
+
+@quantize_group.command("gguf")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--type", "types", multiple=True, default=("Q4_K_M",), show_default=True,
+              help="Quantization type (repeatable), any llama-quantize offers: Q8_0, Q6_K, Q5_K_M, Q4_K_M, "
+                   "Q4_0, Q3_K_M, Q2_K, IQ4_XS, IQ3_M, IQ2_M, ... (case-insensitive).")
+@click.option("--imatrix", "imatrix", default="auto", show_default=True,
+              help="auto (measure on the calibration set, for types below Q6_K; reuses the layout's), "
+                   "none, or an imatrix FILE (GGUF or legacy .dat).")
+@click.option("--outdir", type=click.Path(path_type=Path), default=None, help="Folder for the outputs.")
+@click.option("--outfile", type=click.Path(path_type=Path), default=None, help="Output file (one --type only).")
+@click.option("--output-tensor-type", default=None, help="ggml type for output.weight, e.g. q8_0.")
+@click.option("--token-embedding-type", default=None, help="ggml type for token_embd.weight, e.g. q8_0.")
+@click.option("--name", default=None, help="Model name for the layout (default: folder name or general.name).")
+@click.option("--out-root", type=click.Path(path_type=Path), default=None, help="Layout root (default: out).")
+@click.option("--calib-file", type=click.Path(path_type=Path), default=None,
+              help="Measure the imatrix on this text instead of xvq's calibration set.")
+@click.option("--calib-tokens", type=int, default=None, help="Calibration budget in tokens (default 51200).")
+@click.option("--ctx", "n_ctx", type=int, default=512, show_default=True, help="imatrix chunk size in tokens.")
+@click.option("--threads", type=int, default=0, help="Threads (default: all cores).")
+def gguf_cmd(source, types, imatrix, outdir, outfile, output_tensor_type, token_embedding_type, name, out_root,
+             calib_file, calib_tokens, n_ctx, threads):
+    """Quantize SOURCE (a GGUF, or a model folder: converted to the layout's f16 GGUF first)
+    with llama.cpp's quantizer; several --type reuse one importance matrix."""
+    from xvq.quantize.gguf import DEFAULT_CALIB_TOKENS, quantize
+    if outdir is not None and outfile is not None:
+        raise click.UsageError("give --outdir or --outfile, not both")
+    quantize(source, list(types), imatrix=imatrix, outdir=outdir, outfile=outfile, name=name, out_root=out_root,
+             output_tensor_type=output_tensor_type, token_embedding_type=token_embedding_type,
+             calib_file=calib_file, calib_tokens=calib_tokens or DEFAULT_CALIB_TOKENS, n_ctx=n_ctx,
+             n_threads=threads, log=click.echo)
+
+
+def _register_optional(module: str, attr: str) -> None:
+    """Subcommands owned by other modules (gptq) join the group when they import."""
+    try:
+        quantize_group.add_command(getattr(importlib.import_module(module), attr))
+    except (ImportError, AttributeError):
+        pass
+
+
+_register_optional("xvq.quantize.gptq_cli", "gptq_cmd")

@@ -1,0 +1,344 @@
+"""GPTQ checkpoints for GPU servers, calibrated on the multilingual mix, through GPTQModel.
+
+    model folder (HF, safetensors or XVERSE's pickle shards)
+      -> stage: pickle shards re-written as safetensors, streamed (GPTQModel reads them lazily)
+      -> GPTQModel, through the GPTQ definition the family declares (`Family.gptq_base`,
+         optionally its own `gptq_module_tree`), one decoder layer in memory at a time
+      -> <Name>-GPTQ-Int<bits>/: sharded safetensors, quantize_config.json (format gptq, v1),
+         the ORIGINAL config.json (architectures, model_type, auto_map) + quantization_config,
+         the original tokenizer and remote-code files; no local paths.
+
+Dense XVERSE is LLaMA-identical, and GPTQModel's own XVERSE definition pins transformers <= 4.38,
+so XVERSE quantizes through the LLaMA definition and leaves with its own config again: XVERSE's
+loader, vLLM's XVERSE model and xvq's registry all read the result unchanged.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+from xvq.checkpoint import read_config, weight_files
+from xvq.errors import XvqError
+from xvq.fsio import atomic_output
+from xvq.models import family_for
+from xvq.models.base import Family
+
+log = logging.getLogger("xvq.gptq")
+
+ALLOWED_BITS = (2, 3, 4, 8)
+# Files that travel from the source folder unchanged: tokenizer, generation settings, the
+# remote code that config.json's auto_map names, license notes.
+CARRIED_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                 "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+                 "generation_config.json")
+CARRIED_GLOBS = ("*.py", "LICENSE*", "NOTICE*", "*.tiktoken")
+# What GPTQModel re-saves of the tokenizer (replaced by the originals, or dropped when the source had none).
+RESAVED_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                           "added_tokens.json", "chat_template.jinja")
+MIN_SEQ_TOKENS = 16
+
+
+@dataclass
+class GptqSettings:
+    """XVERSE's published GPTQ settings are the defaults (4-bit, g128, act-order, static groups,
+    symmetric, true-sequential, damp 0.01)."""
+    bits: int = 4
+    group_size: int = 128
+    desc_act: bool = True
+    static_groups: bool = True
+    sym: bool = True
+    true_sequential: bool = True
+    damp: float = 0.01
+    damp_auto_increment: float = 0.01
+    calib_tokens: int = 131072
+    max_seq_len: int = 2048
+    seed: int = 0
+    max_shard_size: str = "4GB"
+    device: str = "auto"           # auto | cpu | cuda
+    dtype: str = "float16"         # activations while calibrating, and the scales' dtype on disk
+
+    def quantize_config(self, offload_dir: Path):
+        from gptqmodel import QuantizeConfig
+        return QuantizeConfig(
+            bits=self.bits, group_size=self.group_size, desc_act=self.desc_act, act_group_aware=False,
+            static_groups=self.static_groups, sym=self.sym, true_sequential=self.true_sequential,
+            damp_percent=self.damp, damp_auto_increment=self.damp_auto_increment,
+            device=None if self.device == "auto" else self.device,
+            offload_to_disk=True, offload_to_disk_path=str(offload_dir))
+
+
+@dataclass
+class GptqResult:
+    outdir: Path
+    n_sequences: int
+    n_tokens: int
+    layers: list[dict] = field(default_factory=list)    # GPTQModel's per-module log (layer, module, loss, damp, time)
+    damp_raised: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks before any work
+# ----------------------------------------------------------------------------------------------
+
+def linear_input_widths(family: Family) -> dict[str, int]:
+    """Input width of every linear GPTQ quantizes (per kind of module, layer 0 stands for all)."""
+    widths = {}
+    for name, shape in family.expected_shapes().items():
+        if ".layers.0." in name and name.endswith("_proj.weight") and len(shape) == 2:
+            widths[name.split(".layers.0.", 1)[1].removesuffix(".weight")] = shape[1]
+    return widths
+
+
+def check_settings(settings: GptqSettings, family: Family, source: Path) -> None:
+    if settings.bits not in ALLOWED_BITS:
+        raise XvqError(f"--bits {settings.bits}: not a GPTQ width; use one of {', '.join(map(str, ALLOWED_BITS))}")
+    if settings.group_size != -1 and settings.group_size <= 0:
+        raise XvqError(f"--group-size {settings.group_size}: use a positive size (128) or -1 for one group per row")
+    if settings.group_size > 0:
+        bad = {m: w for m, w in linear_input_widths(family).items() if w % settings.group_size}
+        if bad:
+            listed = ", ".join(f"{m} ({w})" for m, w in bad.items())
+            raise XvqError(f"{source / 'config.json'}: --group-size {settings.group_size} does not divide the input "
+                           f"width of {listed}; choose a group size that divides every width, or -1")
+    if not 0 < settings.damp < 1:
+        raise XvqError(f"--damp {settings.damp}: use a fraction of the Hessian's mean diagonal in (0, 1), e.g. 0.01")
+    if settings.device not in ("auto", "cpu", "cuda"):
+        raise XvqError(f"--device {settings.device}: use auto, cpu or cuda")
+    if settings.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise XvqError("--device cuda: no CUDA device is visible to torch here; use --device cpu or auto")
+
+
+# ----------------------------------------------------------------------------------------------
+# Calibration
+# ----------------------------------------------------------------------------------------------
+
+def calibration_texts(model_dir: Path, budget_tokens: int, seed: int) -> list[str]:
+    """The multilingual calibration mix (xvq.calib_data), sampled for this model's tokenizer."""
+    try:
+        from xvq.calib_data import sample
+    except ImportError as e:
+        raise XvqError(f"xvq.calib_data is not available ({e}); reinstall xvq, or pass texts to quantize_gptq") from e
+    calib = sample(budget_tokens=budget_tokens, seed=seed, tokenizer_dir=model_dir)
+    return [r["text"] for r in calib.records if r.get("text")]
+
+
+def calibration_sequences(tokenizer, texts: Sequence[str], budget_tokens: int, max_seq_len: int,
+                          seed: int) -> list[dict]:
+    """Token sequences of at most max_seq_len, up to budget_tokens in all, in a seeded order.
+    Long texts are cut into consecutive windows; pieces shorter than MIN_SEQ_TOKENS are dropped."""
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    seqs, total = [], 0
+    for i in order:
+        ids = tokenizer(texts[i], add_special_tokens=True)["input_ids"]
+        for start in range(0, len(ids), max_seq_len):
+            piece = ids[start:start + max_seq_len]
+            if len(piece) < MIN_SEQ_TOKENS:
+                continue
+            piece = piece[:budget_tokens - total]
+            seqs.append({"input_ids": piece, "attention_mask": [1] * len(piece)})
+            total += len(piece)
+            if total >= budget_tokens:
+                return seqs
+    return seqs
+
+
+# ----------------------------------------------------------------------------------------------
+# The GPTQModel definition a family quantizes through
+# ----------------------------------------------------------------------------------------------
+
+def qmodel_class(family: Family):
+    """GPTQModel's definition named by `family.gptq_base`; a family that declares its own
+    `gptq_module_tree` (MoE experts) gets a subclass carrying it."""
+    from gptqmodel.models.auto import MODEL_MAP
+    base = MODEL_MAP.get(family.gptq_base)
+    if base is None:
+        raise XvqError(f"model family {family.name}: GPTQModel 7.6 has no definition {family.gptq_base!r}; "
+                       f"declare gptq_base as one of its model types")
+    tree = getattr(family, "gptq_module_tree", None)
+    attrs = dict(getattr(family, "gptq_definition_attrs", None) or {})
+    if tree is not None:
+        attrs["module_tree"] = tree
+    if not attrs:
+        return base
+    return type(f"Xvq{type(family).__name__}QModel", (base,), attrs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Staging: pickle shards -> safetensors (GPTQModel's lazy reader reads safetensors only; for
+# pickle it would load the whole model into memory to convert)
+# ----------------------------------------------------------------------------------------------
+
+def has_safetensors(model_dir: Path) -> bool:
+    return all(f.suffix == ".safetensors" for f in weight_files(model_dir))
+
+
+def stage_as_safetensors(model_dir: Path, stage: Path) -> Path:
+    """A folder GPTQModel can read lazily: the source itself when it is safetensors, else a copy
+    with every pickle shard re-written as one safetensors shard (memory-mapped, shard by shard)."""
+    if has_safetensors(model_dir):
+        return model_dir
+    import torch
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+    stage.mkdir(parents=True, exist_ok=True)
+    weight_map, total = {}, 0
+    for src in tqdm(weight_files(model_dir), desc="staging safetensors", unit="shard"):
+        try:
+            state = torch.load(src, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as e:
+            raise XvqError(f"{src}: cannot be read as a PyTorch checkpoint ({type(e).__name__}); "
+                           f"download it again or convert to safetensors") from e
+        name = src.with_suffix(".safetensors").name.replace("pytorch_model", "model")
+        tensors = {k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
+        save_file(tensors, stage / name, metadata={"format": "pt"})
+        weight_map |= {k: name for k in tensors}
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        del state, tensors
+    (stage / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    for f in model_dir.iterdir():
+        if f.is_file() and not f.name.startswith("pytorch_model") and f.suffix not in (".bin", ".safetensors"):
+            shutil.copy2(f, stage / f.name)
+    return stage
+
+
+# ----------------------------------------------------------------------------------------------
+# The output folder
+# ----------------------------------------------------------------------------------------------
+
+def scrub_paths(value, forbidden: Iterable[str]):
+    """Drop what only made sense on the machine that quantized: *_path / *_dir entries and any
+    string naming one of the working folders."""
+    forbidden = [f for f in forbidden if f]
+    if isinstance(value, dict):
+        return {k: (None if re.search(r"(_path|_dir|_folder)$", k) and isinstance(v, str) else scrub_paths(v, forbidden))
+                for k, v in value.items() if k not in ("dataset", "calibration_dataset", "calibration")}
+    if isinstance(value, list):
+        return [scrub_paths(v, forbidden) for v in value]
+    if isinstance(value, str) and any(f in value for f in forbidden):
+        return None
+    return value
+
+
+def write_configs(out: Path, model_dir: Path, forbidden: list[str], dtype: str) -> dict:
+    """config.json = the source's own config (architectures, model_type, auto_map as shipped) plus
+    GPTQ's quantization_config; quantize_config.json scrubbed the same way."""
+    qcfg_path = out / "quantize_config.json"
+    qcfg = scrub_paths(json.loads(qcfg_path.read_text(encoding="utf-8")), forbidden)
+    qcfg_path.write_text(json.dumps(qcfg, indent=2) + "\n", encoding="utf-8")
+    written = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    quant = scrub_paths(written.get("quantization_config") or qcfg, forbidden)
+    config = read_config(model_dir)
+    config.pop("quantization_config", None)
+    config |= {"torch_dtype": dtype, "quantization_config": quant}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return config
+
+
+def carry_source_files(out: Path, model_dir: Path) -> None:
+    for name in RESAVED_TOKENIZER_FILES:
+        (out / name).unlink(missing_ok=True)
+    for name in CARRIED_FILES:
+        if (model_dir / name).is_file():
+            shutil.copy2(model_dir / name, out / name)
+    for pattern in CARRIED_GLOBS:
+        for f in model_dir.glob(pattern):
+            if f.is_file():
+                shutil.copy2(f, out / f.name)
+
+
+def assert_no_local_paths(out: Path, forbidden: list[str]) -> None:
+    """Last guard: no text file of the output names a working folder of this machine."""
+    for f in out.iterdir():
+        if f.suffix in (".json", ".csv", ".txt", ".md"):
+            text = f.read_text(encoding="utf-8", errors="replace")
+            for p in forbidden:
+                if p and p in text:
+                    raise XvqError(f"{f.name}: would record the local path {p}; this is a bug in xvq, please report it")
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantization
+# ----------------------------------------------------------------------------------------------
+
+def check_damp(quant_log: list[dict], settings: GptqSettings, model_dir: Path) -> list[str]:
+    """GPTQModel raises damp on a Cholesky failure by itself; say where, and refuse a module that
+    never became positive-definite."""
+    raised = []
+    for entry in quant_log:
+        damp = float(entry.get("damp") or settings.damp)
+        where = f"layer {entry.get('layer')} {entry.get('module')}"
+        if damp >= 1.0:
+            raise XvqError(f"{model_dir}: GPTQ Hessian of {where} stayed singular even at damp 1.0; "
+                           f"calibrate on more text (--calib-tokens) or raise --damp")
+        if damp > settings.damp + 1e-9:
+            raised.append(f"{where}: damp {settings.damp:g} -> {damp:.4f}")
+            log.warning("Cholesky failed for %s at damp %g; damp raised to %.4f", where, settings.damp, damp)
+    return raised
+
+
+def _prepare_environment() -> None:
+    # GPTQModel sizes its CPU worker pool from this; without it a small machine oversubscribes.
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import xvq  # noqa: F401  (registers XVERSE with transformers before GPTQModel loads configs)
+
+
+def quantize_gptq(model_dir: Path | str, outdir: Path | str, settings: GptqSettings | None = None,
+                  texts: Sequence[str] | None = None, on_model: Callable | None = None) -> GptqResult:
+    """Quantize `model_dir` into `outdir` (replaced atomically). `texts`: calibration text; by
+    default the calibration mix from xvq.calib_data. `on_model(qmodel)` runs before calibration
+    (the benchmark hooks its decoder layers there)."""
+    model_dir, outdir = Path(model_dir), Path(outdir)
+    settings = settings or GptqSettings()
+    config = read_config(model_dir)
+    family = family_for(config, str(model_dir / "config.json"))
+    check_settings(settings, family, model_dir)
+    _prepare_environment()
+    if texts is None:
+        texts = calibration_texts(model_dir, settings.calib_tokens, settings.seed)
+    import torch
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    seqs = calibration_sequences(tokenizer, texts, settings.calib_tokens, settings.max_seq_len, settings.seed)
+    if not seqs:
+        raise XvqError(f"{model_dir}: no calibration text of at least {MIN_SEQ_TOKENS} tokens; "
+                       f"check xvq calib show, or pass more text")
+    n_tokens = sum(len(s["input_ids"]) for s in seqs)
+    log.info("GPTQ %d-bit g%d: %d calibration sequences, %d tokens", settings.bits, settings.group_size, len(seqs), n_tokens)
+
+    with atomic_output(outdir, is_dir=True) as tmp, tempfile.TemporaryDirectory(prefix="xvq-gptq-") as work:
+        work = Path(work)
+        source = stage_as_safetensors(model_dir, work / "stage")
+        cls = qmodel_class(family)
+        torch.manual_seed(settings.seed)
+        model = cls.from_pretrained(str(source), quantize_config=settings.quantize_config(work / "offload"),
+                                    dtype=getattr(torch, settings.dtype))
+        if on_model is not None:
+            on_model(model)
+        model.quantize(seqs, batch_size=1, tokenizer=tokenizer)
+        damp_raised = check_damp(model.quant_log, settings, model_dir)
+        model.save(str(tmp), max_shard_size=settings.max_shard_size)
+        quant_log = [dict(e) for e in model.quant_log]
+        del model
+        forbidden = [str(work), str(work.resolve()), str(tmp), str(tmp.resolve()), str(model_dir.resolve()),
+                     str(outdir.resolve().parent)]
+        write_configs(tmp, model_dir, forbidden, settings.dtype)
+        carry_source_files(tmp, model_dir)
+        assert_no_local_paths(tmp, forbidden)
+    return GptqResult(outdir, len(seqs), n_tokens, quant_log, damp_raised)
+
+
+def settings_summary(s: GptqSettings) -> dict:
+    return asdict(s)

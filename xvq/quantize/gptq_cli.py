@@ -1,0 +1,62 @@
+"""`xvq quantize gptq MODEL_DIR`: GPTQ through GPTQModel, XVERSE's published settings by default."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+from xvq.layout import Layout
+
+SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def _check_size(ctx, param, value: str) -> str:
+    v = value.strip().upper().replace(" ", "")
+    for unit in sorted(SIZE_UNITS, key=len, reverse=True):
+        if v.endswith(unit) and v[:-len(unit)].replace(".", "", 1).isdigit():
+            return value
+    if v.isdigit():
+        return value
+    raise click.BadParameter(f"{value!r}: give a size like 4GB, 500MB or 2GiB")
+
+
+@click.command("gptq")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--outdir", type=click.Path(path_type=Path), default=None,
+              help="Output folder (default: the layout's gptq/<Name>-GPTQ-Int<bits>/).")
+@click.option("--name", default=None, help="Model name for the layout (default: the folder's name).")
+@click.option("--out-root", type=click.Path(path_type=Path), default=None, help="Layout root (default: out).")
+@click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), default="4", show_default=True)
+@click.option("--group-size", type=int, default=128, show_default=True, help="Columns per scale; -1: one per row.")
+@click.option("--desc-act/--no-desc-act", default=True, show_default=True,
+              help="Quantize columns in order of decreasing activation (act-order).")
+@click.option("--static-groups/--no-static-groups", default=True, show_default=True,
+              help="Fix group scales before act-order (kernels stay fast with desc-act).")
+@click.option("--sym/--asym", default=True, show_default=True, help="Symmetric grid (no stored zero points).")
+@click.option("--true-sequential/--no-true-sequential", default=True, show_default=True,
+              help="Within a layer, quantize attention before MLP on the already-quantized outputs.")
+@click.option("--damp", type=float, default=0.01, show_default=True,
+              help="Hessian dampening, a fraction of its mean diagonal (raised automatically on a Cholesky failure).")
+@click.option("--calib-tokens", type=int, default=131072, show_default=True, help="Calibration budget in tokens.")
+@click.option("--max-seq-len", type=int, default=2048, show_default=True, help="Longest calibration sequence.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Calibration sampling seed.")
+@click.option("--max-shard-size", default="4GB", show_default=True, callback=_check_size,
+              help="Largest safetensors shard.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+def gptq_cmd(model_dir, outdir, name, out_root, bits, group_size, desc_act, static_groups, sym, true_sequential,
+             damp, calib_tokens, max_seq_len, seed, max_shard_size, device):
+    """Quantize MODEL_DIR (XVERSE dense, LLaMA, Ziya, ...) to GPTQ, calibrated on xvq's multilingual
+    calibration set. Output: sharded safetensors + quantize_config.json, loadable by transformers
+    (after `import xvq` for XVERSE), GPTQModel, vLLM and XVERSE's own loader."""
+    from xvq.quantize.gptq import GptqSettings, quantize_gptq
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    settings = GptqSettings(bits=int(bits), group_size=group_size, desc_act=desc_act, static_groups=static_groups,
+                            sym=sym, true_sequential=true_sequential, damp=damp, calib_tokens=calib_tokens,
+                            max_seq_len=max_seq_len, seed=seed, max_shard_size=max_shard_size, device=device)
+    if outdir is None:
+        outdir = Layout.for_model(model_dir, name, out_root).gptq(settings.bits)
+    result = quantize_gptq(model_dir, outdir, settings)
+    for line in result.damp_raised:
+        click.echo(f"damp raised: {line}")
+    click.echo(f"wrote {result.outdir} ({result.n_sequences} calibration sequences, {result.n_tokens} tokens)")

@@ -1,0 +1,1 @@
+"""Release: build → validate → package every artifact, with model cards and laptop fit."""

@@ -1,0 +1,302 @@
+"""`validate()`: score every artifact against the reference, gate, write the report.
+
+One tokenization (the reference's HF tokenizer) and one reference pass (cached) serve every
+artifact; an artifact that cannot be scored gets a reason in the report, and the others go on.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from xvq.errors import XvqError
+from xvq.validate import artifacts as arts
+from xvq.validate import gate
+from xvq.validate.backends import GgufScorer, HfScorer, reference_dtype, torch_device
+from xvq.validate.metrics import DEFAULT_TOP_K, artifact_rows, full_kld, perplexity
+from xvq.validate.reference import Reference, reference_for
+from xvq.validate.windows import Windows, load_tokenizer, make_windows
+
+MIN_LANGUAGE_WINDOWS = 2        # fewer: that language's numbers are n/a
+VOCAB_MISMATCH_LIMIT = 0.10     # more GGUF pieces than this differ from the HF vocab: another model
+TOKENIZER_SAMPLES = 2000        # lines of the evaluation text checked for tokenizer parity
+
+
+@dataclass
+class Report:
+    data: dict
+    report_dir: Path
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.data["passed"])
+
+    @property
+    def artifacts(self) -> list[dict]:
+        return self.data["artifacts"]
+
+    def failures(self) -> list[tuple[str, list[str]]]:
+        return [(a["path"], a["reasons"]) for a in self.artifacts if not a["passed"]]
+
+    def entry(self, path: Path | str) -> dict:
+        want = str(Path(path))
+        return next(a for a in self.artifacts if a["path"] == want)
+
+
+# ---------------------------------------------------------------- inputs
+
+def evaluation_texts(text, heldout: bool) -> tuple[dict[str, str], str]:
+    """(lang -> text, description). `text` may be a file path or a ready dict."""
+    if isinstance(text, dict):
+        return dict(text), "texts given by the caller"
+    if text is not None:
+        p = Path(text)
+        try:
+            return {p.stem: p.read_text(encoding="utf-8")}, str(p)
+        except (OSError, UnicodeDecodeError) as e:
+            raise XvqError(f"{p}: cannot read the evaluation text ({e}); give a UTF-8 text file") from e
+    if not heldout:
+        raise XvqError("no evaluation text: give --text FILE or --heldout")
+    try:
+        from xvq.calib_data import heldout_texts
+    except ImportError as e:
+        raise XvqError(f"--heldout needs xvq.calib_data, which is not available ({e}); "
+                       f"give --text FILE instead") from e
+    return dict(heldout_texts()), "xvq.calib_data held-out split"
+
+
+def tokenizer_samples(texts: dict[str, str]) -> list[str]:
+    lines = [ln for t in texts.values() for ln in t.splitlines() if ln.strip()]
+    step = max(1, len(lines) // TOKENIZER_SAMPLES)
+    samples = lines[::step][:TOKENIZER_SAMPLES]
+    try:
+        from xvq.validate import tokparity
+        samples += list(getattr(tokparity, "HARD_STRINGS", []))
+    except ImportError:
+        pass
+    return samples
+
+
+# ---------------------------------------------------------------- tokenizer parity
+
+def token_mismatch(info: arts.ArtifactInfo, reference_dir: Path, ref_tok, samples: list[str]) -> tuple[float | None, dict]:
+    if info.kind == "gguf":
+        try:
+            from xvq.validate.tokparity import compare_tokenization
+        except ImportError as e:
+            return None, {"status": f"not measured: xvq.validate.tokparity unavailable ({e})"}
+        try:
+            res = compare_tokenization(info.path, reference_dir, samples)
+        except Exception as e:   # parity is a measurement; its failure must not stop scoring
+            return None, {"status": f"not measured: {type(e).__name__}: {e}"}
+        first = getattr(res, "first_diff", None)
+        return float(res.mismatch_rate), {"status": "measured", "method": "llama.cpp tokenizer vs HF",
+                                          "n_texts": len(samples), "first_diff": _jsonable(first)}
+    return hf_folder_mismatch(info.path, ref_tok, samples)
+
+
+def hf_folder_mismatch(folder: Path, ref_tok, samples: list[str]) -> tuple[float | None, dict]:
+    """A GPTQ/HF folder ships its own tokenizer: the fraction of samples it tokenizes differently."""
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        return None, {"status": "not measured: the folder has no tokenizer files"}
+    try:
+        tok = load_tokenizer(folder)
+    except XvqError as e:
+        return 1.0, {"status": f"tokenizer unreadable: {e}"}
+    diff = [s for s in samples if tok(s)["input_ids"] != ref_tok(s)["input_ids"]]
+    return len(diff) / max(1, len(samples)), {"status": "measured", "method": "HF tokenizer vs HF",
+                                              "n_texts": len(samples), "first_diff": diff[0][:200] if diff else None}
+
+
+def _jsonable(x):
+    if x is None or isinstance(x, (str, int, float, bool)):
+        return x
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if hasattr(x, "__dict__"):
+        return _jsonable(vars(x))
+    return str(x)
+
+
+# ---------------------------------------------------------------- scoring
+
+def make_scorer(info: arts.ArtifactInfo, ctx: int, n_threads: int | None):
+    if info.kind == "gguf":
+        return GgufScorer(info.path, ctx, n_threads=n_threads)
+    return HfScorer(info.path, ctx)
+
+
+def score(scorer, windows: Windows, ref: Reference, label: str, progress: bool) -> tuple:
+    """Per-position nll/kld/top1 over every window, plus the full-vocabulary KLD on the sample."""
+    S = windows.per_window
+    targets = windows.targets()
+    n = windows.n_windows * S
+    nll, kld, top1 = np.empty(n), np.empty(n), np.empty(n, bool)
+    n_full = ref.full_logp.shape[0]
+    full = []
+    t0 = time.perf_counter()
+    with tqdm(total=windows.n_windows, desc=f"score {label}", unit="win", disable=not progress, leave=False) as bar:
+        for i, logits in enumerate(scorer.logits(windows.tokens)):
+            a, b = i * S, (i + 1) * S
+            r = artifact_rows(logits, targets[i], ref.slice(a, b), ref.n_vocab)
+            nll[a:b], kld[a:b], top1[a:b] = r.nll, r.kld, r.top1
+            if a < n_full:
+                m = min(b, n_full) - a
+                full.append(full_kld(ref.full_logp[a:a + m], logits[:m]))
+            bar.update()
+    seconds = time.perf_counter() - t0
+    kld_full = np.concatenate(full) if full else np.zeros(0)
+    return nll, kld, top1, kld_full, seconds
+
+
+def summarize(nll, kld, top1, ref_nll) -> dict:
+    ppl, ref_ppl = perplexity(nll), perplexity(ref_nll)
+    return {
+        "perplexity": ppl,
+        "reference_perplexity": ref_ppl,
+        "ppl_ratio": ppl / ref_ppl if ppl and ref_ppl else None,
+        "kld_mean": float(kld.mean()) if kld.size else None,
+        "kld_p99": float(np.percentile(kld, 99)) if kld.size else None,
+        "top1_agreement": float(top1.mean()) if top1.size else None,
+        "n_tokens_scored": int(nll.size),
+    }
+
+
+def per_language(windows: Windows, ref: Reference, nll, kld, top1, t: gate.Thresholds) -> dict:
+    out = {}
+    for lang, (wa, wb) in windows.spans.items():
+        if wb - wa < MIN_LANGUAGE_WINDOWS:
+            out[lang] = None          # n/a: fewer than two windows of text
+            continue
+        a, b = windows.position_span(lang)
+        m = summarize(nll[a:b], kld[a:b], top1[a:b], ref.rows.nll[a:b])
+        m["n_windows"] = wb - wa
+        m["reasons"] = gate.judge(m, t)
+        m["passed"] = not m["reasons"]
+        out[lang] = m
+    return out
+
+
+def blank_entry(info: arts.ArtifactInfo) -> dict:
+    return {"path": str(info.path), "kind": info.kind, "quant_type": info.quant_type,
+            "size_bytes": info.size_bytes, "bpw": info.bpw, "perplexity": None, "ppl_ratio": None,
+            "kld_mean": None, "kld_p99": None, "top1_agreement": None, "per_language": {},
+            "token_mismatch_rate": None, "tokenizer": None, "kld_check": None, "thresholds": None,
+            "n_tokens_scored": 0, "seconds": None, "tokens_per_second": None, "passed": False, "reasons": []}
+
+
+def evaluate_artifact(info: arts.ArtifactInfo, *, windows: Windows, ref: Reference | None, ref_tok,
+                      reference_dir: Path, samples: list[str], overrides: dict, n_threads: int | None,
+                      progress: bool, input_problem: str | None) -> dict:
+    e = blank_entry(info)
+    t = gate.thresholds_for(info.quant_type, overrides)
+    e["thresholds"] = t.as_dict()
+    if info.error:
+        e["reasons"] = [info.error]
+        return e
+    if info.n_vocab is not None and ref is not None and info.n_vocab != ref.n_vocab:
+        e["reasons"] = [f"{info.path}: vocabulary of {info.n_vocab} entries, the reference has {ref.n_vocab}: "
+                        f"an artifact of another model; validate it against its own reference"]
+        return e
+    if info.tokens is not None:
+        diff = arts.vocab_difference(info.tokens, ref_tok)
+        if diff > VOCAB_MISMATCH_LIMIT:
+            e["reasons"] = [f"{info.path}: {diff:.0%} of its vocabulary differs from the reference tokenizer: "
+                            f"an artifact of another model; validate it against its own reference"]
+            return e
+    e["token_mismatch_rate"], e["tokenizer"] = token_mismatch(info, reference_dir, ref_tok, samples)
+    if input_problem:
+        e["reasons"] = [input_problem]
+        return e
+    try:
+        scorer = make_scorer(info, windows.ctx, n_threads)
+    except XvqError as err:
+        e["reasons"] = [err.message]
+        return e
+    try:
+        if scorer.n_vocab != ref.n_vocab:
+            e["reasons"] = [f"{info.path}: model outputs {scorer.n_vocab} logits, the reference {ref.n_vocab}: "
+                            f"an artifact of another model"]
+            return e
+        nll, kld, top1, kld_full, seconds = score(scorer, windows, ref, info.path.name, progress)
+    finally:
+        scorer.close()
+    e |= summarize(nll, kld, top1, ref.rows.nll)
+    e.pop("reference_perplexity")
+    e["seconds"] = seconds
+    e["tokens_per_second"] = windows.n_windows * windows.ctx / seconds if seconds else None
+    e["kld_check"] = {"n_positions": int(kld_full.size), "top_k": ref.k,
+                      "kld_topk": float(kld[:kld_full.size].mean()) if kld_full.size else None,
+                      "kld_full": float(kld_full.mean()) if kld_full.size else None}
+    e["per_language"] = per_language(windows, ref, nll, kld, top1, t)
+    reasons = gate.judge(e, t)
+    for lang, m in e["per_language"].items():
+        if m and not m["passed"]:
+            reasons += [f"{lang}: {r}" for r in m["reasons"]]
+    e["reasons"], e["passed"] = reasons, not reasons
+    return e
+
+
+# ---------------------------------------------------------------- the API
+
+def validate(reference_dir: Path | str, artifacts: list[Path | str], *, text=None, heldout: bool = True,
+             ctx: int = 512, max_tokens: int | None = None, report_dir: Path | str,
+             thresholds: dict | None = None, reference_gguf: Path | str | None = None,
+             top_k: int = DEFAULT_TOP_K, n_threads: int | None = None, progress: bool = True,
+             write: bool = True) -> Report:
+    """Score `artifacts` (GGUF files, GPTQ/HF folders) against the reference and gate them.
+
+    text: a file path, or {lang: text}; default the held-out split of xvq.calib_data.
+    thresholds: overrides {max_kld, max_ppl_ratio, max_token_mismatch} for every artifact.
+    reference_gguf: a bf16/f32 GGUF of the reference, scored in llama.cpp instead of transformers.
+    Writes report.json, report.md and report.png into report_dir (when write) and returns the Report.
+    """
+    from xvq.validate.report import build_report, write_report
+    reference_dir, report_dir = Path(reference_dir), Path(report_dir)
+    if not (reference_dir / "config.json").is_file():
+        raise XvqError(f"{reference_dir}: not a Hugging Face model folder (no config.json); "
+                       f"--reference takes the bf16 checkpoint the artifacts were made from")
+    texts, text_source = evaluation_texts(text, heldout)
+    tok = load_tokenizer(reference_dir)
+    windows = make_windows(tok, texts, ctx, max_tokens, reference_dir)
+    problem = None
+    if windows.n_windows == 0:
+        n = max(windows.n_tokens.values(), default=0)
+        problem = (f"{text_source}: text tokenizes to {n} tokens, shorter than one window of --ctx {ctx}; "
+                   f"give a longer text or a smaller --ctx")
+    ref = None
+    ref_params = arts.reference_params(reference_dir)
+    if not problem:
+        ref = reference_pass(reference_dir, reference_gguf, windows, top_k, report_dir / "cache", n_threads,
+                             ref_params, progress)
+    samples = tokenizer_samples(texts)
+    entries = []
+    for p in artifacts:
+        info = arts.inspect(Path(p), ref_params)
+        entries.append(evaluate_artifact(info, windows=windows, ref=ref, ref_tok=tok, reference_dir=reference_dir,
+                                         samples=samples, overrides=thresholds or {}, n_threads=n_threads,
+                                         progress=progress, input_problem=problem))
+    data = build_report(reference_dir=reference_dir, reference_gguf=reference_gguf, ref=ref, windows=windows,
+                        text_source=text_source, entries=entries, overrides=thresholds or {}, top_k=top_k,
+                        max_tokens=max_tokens, input_problem=problem)
+    report = Report(data, report_dir)
+    if write:
+        write_report(report)
+    return report
+
+
+def reference_pass(reference_dir: Path, reference_gguf, windows: Windows, top_k: int, cache_dir: Path,
+                   n_threads: int | None, ref_params: int | None, progress: bool) -> Reference:
+    if reference_gguf:
+        src = Path(reference_gguf)
+        return reference_for(lambda: GgufScorer(src, windows.ctx, n_threads=n_threads), src, windows, top_k,
+                             cache_dir, progress)
+    device = torch_device()
+    dtype = reference_dtype(ref_params or 0, device)
+    return reference_for(lambda: HfScorer(reference_dir, windows.ctx, dtype=dtype, device=device),
+                         reference_dir, windows, top_k, cache_dir, progress)

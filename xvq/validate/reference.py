@@ -1,0 +1,108 @@
+"""The reference pass, run once per (reference, token windows, k) and cached on disk, so ten
+artifacts cost one reference pass. The cache holds, per scored position, the reference's top-k
+logits and ids, the log-sum-exp of the full row and the NLL of the target token; plus full
+log-probabilities for a leading sample of positions (the top-k-vs-full KLD check)."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from xvq.fsio import atomic_output
+from xvq.validate.metrics import FULL_SAMPLE_FLOATS, RefRows, reference_rows
+from xvq.validate.windows import Windows
+
+CACHE_VERSION = 1
+
+
+@dataclass
+class Reference:
+    rows: RefRows
+    n_vocab: int
+    full_logp: np.ndarray       # [n_full, n_vocab] float32 log-probs of the first n_full positions
+    source: str
+    cache_file: Path | None = None
+
+    @property
+    def k(self) -> int:
+        return int(self.rows.ids.shape[1])
+
+    def slice(self, a: int, b: int) -> RefRows:
+        r = self.rows
+        return RefRows(r.ids[a:b], r.top[a:b], r.lse[a:b], r.nll[a:b])
+
+
+def identity(path: Path) -> str:
+    """Path plus sizes and mtimes of its files: a changed checkpoint gets a new cache entry."""
+    path = Path(path).resolve()
+    files = sorted(path.iterdir()) if path.is_dir() else [path]
+    parts = [str(path)] + [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.is_file()]
+    return "|".join(parts)
+
+
+def cache_key(source_id: str, windows: Windows, k: int) -> str:
+    h = hashlib.sha256()
+    h.update(f"v{CACHE_VERSION}|{source_id}|ctx={windows.ctx}|k={k}".encode())
+    h.update(np.ascontiguousarray(windows.tokens).tobytes())
+    return h.hexdigest()[:20]
+
+
+def load_cached(path: Path, source: str) -> Reference | None:
+    if not path.is_file():
+        return None
+    try:
+        z = np.load(path)
+        rows = RefRows(z["ids"], z["top"], z["lse"], z["nll"])
+        return Reference(rows, int(z["n_vocab"]), z["full_logp"], source, path)
+    except Exception:       # a damaged cache is recomputed, never trusted
+        return None
+
+
+def compute(scorer, windows: Windows, k: int, source: str, progress: bool = True) -> Reference:
+    targets = windows.targets()
+    n_full = max(1, min(windows.n_windows * windows.per_window, FULL_SAMPLE_FLOATS // scorer.n_vocab))
+    parts, full = [], []
+    n_seen = 0
+    bar = tqdm(total=windows.n_windows, desc=f"reference {Path(source).name}", unit="win",
+               disable=not progress, leave=False)
+    with bar:
+        for i, logits in enumerate(scorer.logits(windows.tokens)):
+            parts.append(reference_rows(logits, targets[i], k))
+            if n_seen < n_full:
+                take = logits[: n_full - n_seen]
+                lse = parts[-1].lse[: len(take)]
+                full.append((take.astype(np.float64) - lse[:, None]).astype(np.float32))
+                n_seen += len(take)
+            bar.update()
+    rows = RefRows(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("ids", "top", "lse", "nll")))
+    full_logp = np.concatenate(full) if full else np.zeros((0, scorer.n_vocab), np.float32)
+    return Reference(rows, scorer.n_vocab, full_logp, source)
+
+
+def save(ref: Reference, path: Path) -> None:
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, ids=ref.rows.ids, top=ref.rows.top, lse=ref.rows.lse, nll=ref.rows.nll,
+                     n_vocab=np.int64(ref.n_vocab), full_logp=ref.full_logp)
+    ref.cache_file = path
+
+
+def reference_for(make_scorer, source: Path, windows: Windows, k: int, cache_dir: Path | None,
+                  progress: bool = True) -> Reference:
+    """Cached reference statistics; `make_scorer()` is only called on a cache miss."""
+    path = cache_dir / f"reference-{cache_key(identity(source), windows, k)}.npz" if cache_dir else None
+    if path is not None:
+        hit = load_cached(path, str(source))
+        if hit is not None:
+            return hit
+    scorer = make_scorer()
+    try:
+        ref = compute(scorer, windows, k, str(source), progress)
+    finally:
+        scorer.close()
+    if path is not None:
+        save(ref, path)
+    return ref
