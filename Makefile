@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 XVQ     := $(BIN)/xvq
 STAMP   := $(VENV)/.xvq-setup
 MODEL   ?= xvq/demo/model
-NAME    ?=
+NAME    ?= $(if $(filter xvq/demo/model,$(MODEL)),XVERSE-Demo,)
 OUT     ?= out
 TYPES   ?= Q4_K_M Q8_0
 BITS    ?= 4
@@ -36,7 +36,7 @@ test: setup anchors
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: setup
-	$(XVQ) release $(MODEL) --out-root $(OUT) --allow-partial
+	$(XVQ) release $(MODEL) $(NAMEOPT) --out-root $(OUT)
 
 gguf: setup
 	$(XVQ) convert $(MODEL) $(NAMEOPT) --out-root $(OUT) --outtype f16

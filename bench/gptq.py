@@ -301,7 +301,8 @@ class LayerMeter:
                 return
 
     def finish(self) -> list[dict]:
-        self.enter("pack+save")
+        """Phases: load (model shell, calibration capture), then one per layer; the last layer's
+        time includes packing and saving."""
         end = time.perf_counter()
         self._stop.set()
         self._thread.join()

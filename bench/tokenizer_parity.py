@@ -14,6 +14,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -52,9 +55,9 @@ def variants(tok_dir: Path) -> dict[str, V.Vocab | tuple]:
     final = V.read_vocab(tok_dir)
     plain = original_texts(final)
     out: dict[str, V.Vocab | tuple] = {}
-    anchor = copy.deepcopy(plain)  # llama.cpp's conversion/xverse.py: no scores, no prefix key
+    anchor = copy.deepcopy(plain)  # what llama.cpp's conversion/xverse.py writes: no scores
     anchor.scores = [0.0] * len(anchor.tokens)
-    out["llama.cpp converter (no scores)"] = anchor
+    out["no scores (llama.cpp converter's encoding, 100,534 rows)"] = anchor
     first = copy.deepcopy(plain)
     first.scores = [-float(i) for i in range(len(first.tokens))]
     out["scores = -id (xvq first version)"] = first
@@ -89,36 +92,66 @@ def write_bpe_gguf(path: Path, tj: dict, pre: str) -> None:
     V.finish(w)
 
 
+def anchor_gguf(tok_dir: Path, tmp: Path) -> Path:
+    """Run llama.cpp's own convert_hf_to_gguf.py (its conversion/xverse.py) on a tiny XVERSE
+    checkpoint carrying the tokenizer. Its converter needs one row per tokenizer entry."""
+    from xvq import anchors
+    from xvq.synth import make_checkpoint, tiny_config
+    model = tmp / "tiny-xverse"
+    n = len(json.loads((tok_dir / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"])
+    make_checkpoint(model, tiny_config("xverse", vocab_size=n, hidden_size=64, intermediate_size=128,
+                                       num_hidden_layers=1, num_attention_heads=2))
+    for f in tok_dir.iterdir():
+        shutil.copy(f, model / f.name)
+    out = tmp / "anchor.gguf"
+    proc = subprocess.run([sys.executable, str(anchors.convert_script()), str(model), "--outtype", "f32",
+                           "--outfile", str(out)], env=os.environ | {"PYTHONPATH": str(anchors.gguf_py())},
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode:
+        sys.exit(f"llama.cpp's converter failed: {proc.stderr[-2000:]}")
+    return out
+
+
+def row(name: str, path: Path, tok_dir: Path, texts: list[str], sample: list[str], t0: float, show: int = 0):
+    plain = P.compare_tokenization(path, tok_dir, texts)
+    spec = P.compare_tokenization(path, tok_dir, texts, special=True)
+    samp = P.compare_tokenization(path, tok_dir, sample)
+    print(f"| {name} | {plain.n_equal}/{plain.n_texts} | {spec.n_equal}/{spec.n_texts} | "
+          f"{samp.n_equal}/{samp.n_texts} | {plain.per_1000_tokens:.2f} | {spec.per_1000_tokens:.2f} |"
+          f"  ({time.time() - t0:.1f}s)")
+    for d in plain.diffs[:show] + spec.diffs[:show]:
+        print("   ", d)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokenizer", type=Path, default=SHARED / "xverse-style-tokenizer")
     ap.add_argument("--corpus", type=Path, default=SHARED / "corpus")
     ap.add_argument("--chunks", type=int, default=259)
     ap.add_argument("--show", type=int, default=0, help="print the first N differences of xvq's encoding")
+    ap.add_argument("--no-anchor", action="store_true", help="skip running llama.cpp's converter (~1 min)")
     args = ap.parse_args()
     if not (args.tokenizer / "tokenizer.json").is_file() or not args.corpus.is_dir():
         sys.exit(f"needs {args.tokenizer}/tokenizer.json and {args.corpus}")
     texts = P.corpus_chunks(list(args.corpus.glob("*/*.txt")), args.chunks)
     sample = P.parity_sample()
     print(f"{len(texts)} chunks of 400 characters from {args.corpus}; built-in sample {len(sample)} texts")
-    print(f"| encoding | plain text | special parsed | built-in sample | differing tokens / 1,000 |")
-    print(f"|---|---|---|---|---|")
+    print("| encoding | plain text | special parsed | built-in sample | differing tokens / 1,000 (plain) | (special) |")
+    print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if not args.no_anchor:
+            t0 = time.time()
+            row("llama.cpp convert_hf_to_gguf.py (anchor, real run)", anchor_gguf(args.tokenizer, tmp),
+                args.tokenizer, texts, sample, t0)
         for name, v in variants(args.tokenizer).items():
-            path = Path(tmp) / "v.gguf"
+            path = tmp / "v.gguf"
             t0 = time.time()
             if isinstance(v, tuple):
                 write_bpe_gguf(path, v[1], v[0])
             else:
                 V.write_vocab_only_gguf(path, args.tokenizer, N_ROWS, vocab=copy.deepcopy(v))
-            plain = P.compare_tokenization(path, args.tokenizer, texts)
-            spec = P.compare_tokenization(path, args.tokenizer, texts, special=True)
-            samp = P.compare_tokenization(path, args.tokenizer, sample)
-            print(f"| {name} | {plain.n_equal}/{plain.n_texts} | {spec.n_equal}/{spec.n_texts} | "
-                  f"{samp.n_equal}/{samp.n_texts} | {plain.per_1000_tokens:.2f} |  ({time.time() - t0:.1f}s)")
-            if args.show and "(xvq)" in name:
-                for d in plain.diffs[:args.show] + spec.diffs[:args.show]:
-                    print("   ", d)
+            row(name, path, args.tokenizer, texts, sample, t0, args.show if "(xvq)" in name else 0)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -331,7 +332,9 @@ def test_vocab_size_smaller_than_tokenizer_is_an_error(tiny_xverse, tmp_path):
     n_tok = n_tokenizer(tiny_xverse)
     d = copy_model(tiny_xverse, tmp_path / "m", {"vocab_size": n_tok - 1})
     res = CliRunner().invoke(main, ["convert", str(d), "--outfile", str(tmp_path / "o" / "m.gguf")])
-    assert res.exit_code != 0
+    assert res.exit_code != 0 and isinstance(res.exception, SystemExit)
+    assert "vocab_size" in res.output and "config.json" in res.output
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
 # --- chat template -------------------------------------------------------------------------------
@@ -392,7 +395,8 @@ def test_metadata_xverse(tiny_xverse, tmp_path):
     assert kv(r, "general.name") == "XVERSE-Tiny-Chat"
     assert kv(r, "general.size_label") == gguf.size_label(n_params, n_params, 0, 0)
     assert kv(r, "general.file_type") == 1  # MOSTLY_F16
-    assert "XVERSE" in kv(r, "general.license")
+    assert kv(r, "general.license") == "apache-2.0"  # the code; the weights have XVERSE's own licence
+    assert "XVERSE" in kv(r, "general.license.name")
     assert kv(r, "xverse.context_length") == cfg["max_position_embeddings"]
     assert kv(r, "xverse.block_count") == 2
     assert kv(r, "xverse.embedding_length") == 256
@@ -405,6 +409,7 @@ def test_metadata_llama_gqa_and_rope_theta(tiny_llama_gqa, tmp_path):
     d = copy_model(tiny_llama_gqa, tmp_path / "m", {"rope_theta": 500000.0, "max_position_embeddings": 2048})
     r = gguf.GGUFReader(convert(d, tmp_path / "a.gguf", "bf16", progress=False)[0])
     assert kv(r, "general.architecture") == "llama"
+    assert "general.license" not in r.fields  # not known for a generic LLaMA checkpoint
     assert kv(r, "general.file_type") == 32  # MOSTLY_BF16
     assert kv(r, "llama.attention.head_count") == 4 and kv(r, "llama.attention.head_count_kv") == 2
     assert kv(r, "llama.rope.freq_base") == 500000.0
@@ -428,7 +433,7 @@ def test_cli_rope_theta_and_default_layout(tiny_llama_gqa, tmp_path, monkeypatch
 def test_unknown_architecture_lists_supported(tiny_llama_gqa, tmp_path):
     d = copy_model(tiny_llama_gqa, tmp_path / "m", {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox"})
     res = CliRunner().invoke(main, ["convert", str(d), "--outfile", str(tmp_path / "o" / "m.gguf")])
-    assert res.exit_code != 0
+    assert res.exit_code != 0 and isinstance(res.exception, SystemExit)
     msg = res.output.strip().splitlines()[-1]
     assert "GPTNeoXForCausalLM" in msg and "XverseForCausalLM" in msg and "LlamaForCausalLM" in msg
 
@@ -459,3 +464,28 @@ def test_tokenizer_template_kept_unless_overridden(tiny_xverse, tmp_path):
     assert render(chat_template_of(own)) == "own"
     forced = convert(d, tmp_path / "forced.gguf", "f16", chat_template="xverse", progress=False)[0]
     assert render(chat_template_of(forced)) == XVERSE_RENDERED
+
+
+# --- progress and atomic output --------------------------------------------------------------------
+
+def test_progress_names_the_tensor(tiny_xverse, tmp_path, capsys):
+    convert(tiny_xverse, tmp_path / "m.gguf", "f16", progress=True)
+    err = capsys.readouterr().err
+    assert "convert" in err and "row" in err
+    assert re.search(r"(token_embd|blk\.\d+\.\w+|output(_norm)?)\.weight", err)
+
+
+def test_written_under_a_temporary_name_until_complete(tiny_xverse, tmp_path, monkeypatch):
+    import xvq.convert.writer as writer
+    final = tmp_path / "out" / "m.gguf"
+    seen = []
+    real = writer.encode
+
+    def watching(rows, qtype):
+        seen.append((final.exists(), sorted(p.name for p in final.parent.iterdir())))
+        return real(rows, qtype)
+    monkeypatch.setattr(writer, "encode", watching)
+    convert(tiny_xverse, final, "f16", progress=False)
+    assert seen and not any(exists for exists, _ in seen)
+    assert all(names and all(n.startswith(".") for n in names) for _, names in seen)
+    assert sorted(p.name for p in final.parent.iterdir()) == ["m.gguf"]

@@ -15,6 +15,7 @@ from xvq.errors import XvqError
 from xvq.quantize.imatrix import Imatrix, compute_imatrix
 
 N_CTX = 128
+THREADS = 1   # the test machine's cores are shared: spinning worker threads only slow llama.cpp down
 
 
 def anchor(name: str):
@@ -26,7 +27,7 @@ def anchor(name: str):
 
 def llama_imatrix(model, text_file, out, *extra) -> None:
     subprocess.run([str(anchor("llama-imatrix")), "-m", str(model), "-f", str(text_file), "-o", str(out),
-                    "-c", str(N_CTX), "-b", str(N_CTX), "--no-ppl", "-t", "2", *extra],
+                    "-c", str(N_CTX), "-b", str(N_CTX), "--no-ppl", "-t", "1", *extra],
                    check=True, capture_output=True, text=True)
 
 
@@ -35,7 +36,7 @@ def stories(tmp_path_factory):
     """(f32 GGUF of the trained stories260K, calibration text file)."""
     from xvq.convert import convert
     src = shared("stories260K-hf")
-    text = shared("corpus", "tinystories_sample", "TinyStories-valid-excerpt.txt").read_text()[:12000]
+    text = shared("corpus", "tinystories_sample", "TinyStories-valid-excerpt.txt").read_text()[:6000]
     d = tmp_path_factory.mktemp("stories-imatrix")
     (d / "calib.txt").write_text(text)
     convert(src, d / "stories-f32.gguf", "f32", progress=False)
@@ -53,8 +54,26 @@ def tiny_moe(tmp_path_factory, xverse_tokenizer_dir):
     n_tok = len(json.loads((model / "tokenizer.json").read_text())["model"]["vocab"])
     make_checkpoint(model, tiny_config("xverse-moe", vocab_size=n_tok), router_scale=4.0)
     convert(model, d / "moe-f32.gguf", "f32", progress=False)
-    (d / "calib.txt").write_text("\n".join(FALLBACK_TEXT[:60]))
+    (d / "calib.txt").write_text("\n".join(FALLBACK_TEXT[:30]))
     return d / "moe-f32.gguf", d / "calib.txt"
+
+
+@pytest.fixture(scope="module")
+def stories_ref(stories, tmp_path_factory):
+    out = tmp_path_factory.mktemp("stories-ref") / "ref.imatrix.gguf"
+    llama_imatrix(*stories, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def moe_ref(tiny_moe, tmp_path_factory):
+    out = tmp_path_factory.mktemp("moe-ref") / "ref.imatrix.gguf"
+    llama_imatrix(*tiny_moe, out)
+    return out
+
+
+def ours(model, text, **kw) -> Imatrix:
+    return compute_imatrix(model, text.read_text(), n_ctx=N_CTX, n_threads=THREADS, progress=False, **kw)
 
 
 def assert_agrees_with_llama_imatrix(ours: Imatrix, ref: Imatrix) -> None:
@@ -69,42 +88,37 @@ def assert_agrees_with_llama_imatrix(ours: Imatrix, ref: Imatrix) -> None:
         np.testing.assert_allclose(ours.sums[name], ref.sums[name], rtol=1e-3, err_msg=name)
 
 
-def test_matches_llama_imatrix_on_trained_model(stories, tmp_path):
+def test_matches_llama_imatrix_on_trained_model(stories, stories_ref):
     model, text = stories
-    llama_imatrix(model, text, tmp_path / "ref.gguf")
-    ref = Imatrix.load(tmp_path / "ref.gguf")
-    ours = compute_imatrix(model, text.read_text(), dataset=str(text), n_ctx=N_CTX, progress=False)
-    assert_agrees_with_llama_imatrix(ours, ref)
-    assert min(ours.cosine(ref).values()) >= 0.99
-    assert ref.datasets == ours.datasets == [str(text)]
+    ref = Imatrix.load(stories_ref)
+    im = ours(model, text, dataset=str(text))
+    assert_agrees_with_llama_imatrix(im, ref)
+    assert min(im.cosine(ref).values()) >= 0.99
+    assert ref.datasets == im.datasets == [str(text)]
 
 
-def test_moe_expert_statistics_match_llama_imatrix(tiny_moe, tmp_path):
+def test_moe_expert_statistics_match_llama_imatrix(tiny_moe, moe_ref):
     """MUL_MAT_ID: one row per expert, each over the tokens routed to it only."""
     model, text = tiny_moe
-    llama_imatrix(model, text, tmp_path / "ref.gguf")
-    ref = Imatrix.load(tmp_path / "ref.gguf")
-    ours = compute_imatrix(model, text.read_text(), n_ctx=N_CTX, progress=False)
+    ref = Imatrix.load(moe_ref)
+    im = ours(model, text)
     experts = [n for n in ref.sums if "_exps." in n]
     assert experts and all(ref.sums[n].shape[0] == 8 for n in experts)
     assert all(len(set(ref.counts[n])) > 1 for n in experts)   # routing is uneven, so per-expert counts matter
-    assert_agrees_with_llama_imatrix(ours, ref)
+    assert_agrees_with_llama_imatrix(im, ref)
 
 
-def test_file_format_is_llama_imatrix_s(stories, tiny_moe, tmp_path):
+def test_file_format_is_llama_imatrix_s(stories_ref, moe_ref, tmp_path):
     """Loading llama-imatrix's file and saving it again reproduces it byte for byte (dense and MoE)."""
-    for model, text in (stories, tiny_moe):
-        ref_file = tmp_path / f"{model.stem}.imatrix.gguf"
-        llama_imatrix(model, text, ref_file)
-        out = Imatrix.load(ref_file).save(tmp_path / f"{model.stem}.again.gguf")
+    for i, ref_file in enumerate((stories_ref, moe_ref)):
+        out = Imatrix.load(ref_file).save(tmp_path / f"again{i}.imatrix.gguf")
         assert out.read_bytes() == ref_file.read_bytes()
 
 
-def test_legacy_dat_gives_the_same_means(stories, tmp_path):
+def test_legacy_dat_gives_the_same_means(stories, stories_ref, tmp_path):
     model, text = stories
-    llama_imatrix(model, text, tmp_path / "ref.gguf")
     llama_imatrix(model, text, tmp_path / "ref.dat", "--output-format", "dat")
-    g, d = Imatrix.load(tmp_path / "ref.gguf").values(), Imatrix.load(tmp_path / "ref.dat")
+    g, d = Imatrix.load(stories_ref).values(), Imatrix.load(tmp_path / "ref.dat")
     assert d.datasets == [str(text)] and d.chunk_count > 0
     dv = d.values()
     assert sorted(dv) == sorted(g)
@@ -133,7 +147,7 @@ def test_routed_accumulation_by_hand():
 
 def test_rejects_imatrix_of_another_model(stories, tiny_moe):
     import gguf
-    im = compute_imatrix(stories[0], stories[1].read_text(), n_ctx=N_CTX, n_chunks=2, progress=False)
+    im = ours(*stories, n_chunks=2)
     moe_tensors = {t.name: tuple(int(x) for x in t.shape) for t in gguf.GGUFReader(tiny_moe[0]).tensors}
     with pytest.raises(XvqError, match="another model"):
         im.check_model(moe_tensors, tiny_moe[0])
@@ -147,4 +161,4 @@ def test_rejects_files_that_are_not_imatrices(stories, tmp_path):
     with pytest.raises(XvqError, match="is this a model file"):
         Imatrix.load(stories[0])
     with pytest.raises(XvqError, match="fewer than 2 chunks"):
-        compute_imatrix(stories[0], "too short", n_ctx=N_CTX, progress=False)
+        compute_imatrix(stories[0], "too short", n_ctx=N_CTX, n_threads=THREADS, progress=False)

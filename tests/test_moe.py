@@ -107,6 +107,23 @@ def test_family_claims_real_moe_config_and_leaves_dense_to_xverse():
 
 # ---------------------------------------------------------------- torch implementation
 
+def test_real_config_builds_the_published_model_on_meta_device():
+    """XVERSE-MoE-A4.2B from its real config: 25.8B parameters, 4.2B of them active per token
+    (6 of 64 experts), and exactly the tensor names/shapes the family expects in a checkpoint."""
+    import transformers  # noqa: F401
+    from transformers import AutoConfig
+    from xvq.models import family_for
+    from xvq.models.xverse_moe_hf import XverseMoeForCausalLM
+    folder = shared("xverse-configs", "XVERSE-MoE-A4.2B")
+    with torch.device("meta"):
+        model = XverseMoeForCausalLM(AutoConfig.from_pretrained(folder))
+    total = sum(p.numel() for p in model.parameters())
+    expert = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n)
+    assert round(total / 1e9, 1) == 25.8 and round((total - expert * (64 - 6) / 64) / 1e9, 1) == 4.2
+    fam = family_for(json.loads((folder / "config.json").read_text()))
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == fam.expected_shapes()
+
+
 def naive_moe(block, x: torch.Tensor, top_k: int) -> torch.Tensor:
     """SGLang's XverseMoE written out token by token from the raw weights: softmax over all
     experts, the top-k probabilities as weights (not renormalised), shared experts added."""
@@ -296,3 +313,58 @@ def test_gptqmodel_builds_layer_modules_from_family_tree(tiny_moe, reference):
     layer = reference.model.layers[0]
     linears = {n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
     assert sorted(n for g in groups for n in g) == sorted(linears - {"mlp.router"})
+
+
+# ---------------------------------------------------------------- what each quant type becomes
+
+def test_effective_types_of_real_moe_by_hand():
+    """XVERSE-MoE-A4.2B: rows of 1728 (experts' down) and 3456 (shared down) are not multiples of
+    256, so k-quants fall back; Q4_K_M's extra bits on use_more_bits layers become Q8_0."""
+    from xvq.models import family_for
+    from xvq.models.quant_types import effective_tensor_types
+    fam = family_for(json.loads(shared("xverse-configs", "XVERSE-MoE-A4.2B", "config.json").read_text()))
+    t = effective_tensor_types(fam, "Q4_K_M")
+    more_bits = {0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 24, 25, 26, 27}  # i<28/8, i>=7*28/8, (i-3)%3==2
+    for i in range(28):
+        down = "Q8_0" if i in more_bits else "Q5_0"   # Q6_K -> Q8_0, Q4_K -> Q5_0
+        assert (t[f"blk.{i}.ffn_down_exps.weight"], t[f"blk.{i}.ffn_down_shexp.weight"]) == (down, down)
+        assert t[f"blk.{i}.ffn_gate_exps.weight"] == t[f"blk.{i}.ffn_up_shexp.weight"] == "Q4_K"  # rows of 2560
+        assert t[f"blk.{i}.attn_v.weight"] == ("Q6_K" if i in more_bits else "Q4_K")
+        assert t[f"blk.{i}.ffn_gate_inp.weight"] == t[f"blk.{i}.ffn_norm.weight"] == "F32"
+    assert t["output.weight"] == "Q6_K" and t["token_embd.weight"] == "Q4_K"
+    q2 = effective_tensor_types(fam, "Q2_K")
+    assert q2["blk.3.ffn_down_exps.weight"] == "Q4_0" and q2["blk.3.ffn_up_exps.weight"] == "Q2_K"
+
+
+@pytest.fixture(scope="module")
+def moe_8_layers(tmp_path_factory, xverse_tokenizer_dir) -> tuple[Path, dict]:
+    """8 layers (so the per-layer mix rules have first/last/every-third layers to pick), 4
+    experts of width 96, f16 GGUF: the source llama.cpp's quantizer reads. Shipped as XVERSE
+    ships (bf16 pickle shards, experts split across files) so stacking reads from those too."""
+    from xvq.convert.convert import convert
+    from xvq.synth import make_checkpoint, tiny_config
+    d = tmp_path_factory.mktemp("moe-8-layers")
+    for f in xverse_tokenizer_dir.iterdir():
+        shutil.copy(f, d / f.name)
+    cfg = tiny_config("xverse-moe", vocab_size=n_tokenizer(d), num_hidden_layers=8, num_experts=4,
+                      intermediate_size=96)
+    make_checkpoint(d, cfg, dtype="bfloat16", fmt="bin", max_shard_size="1MB")
+    return convert(d, d / "moe8-f16.gguf", "f16", progress=False)[0], cfg
+
+
+@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q4_K_S", "Q5_K_M", "Q3_K_M", "Q3_K_L", "Q2_K", "Q6_K", "Q4_0", "IQ4_XS"])
+def test_effective_types_match_llama_cpp_quantizer(moe_8_layers, ftype, tmp_path):
+    import ctypes
+    import gguf
+    from llama_cpp import llama_cpp as C
+    from xvq.models import family_for
+    from xvq.models.quant_types import effective_tensor_types
+    src, cfg = moe_8_layers
+    params = C.llama_model_quantize_default_params()
+    params.ftype = getattr(C, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    params.nthread = 2
+    out = tmp_path / f"moe8-{ftype}.gguf"
+    assert C.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params)) == 0
+    got = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
+    want = effective_tensor_types(family_for(cfg), ftype)
+    assert want == got

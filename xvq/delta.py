@@ -87,10 +87,10 @@ def combine(a: np.ndarray, b: np.ndarray, dtype: str, op: Callable) -> np.ndarra
     """`a op b` for storage rows of `dtype` with torch's result: float16/bfloat16 are computed in
     float32 and rounded once, which equals the correctly rounded result (float32 has at least
     2p+2 bits for both), as torch's CPU kernels do."""
-    if dtype == "F16":
-        return op(a.astype(np.float32), b.astype(np.float32)).astype(np.float16)
-    if dtype == "BF16":
-        return f32_to_bf16_bits(op(bf16_bits_to_f32(a), bf16_bits_to_f32(b)))
+    if dtype in ("F16", "BF16"):
+        wide = widen(a, dtype)
+        wide = op(wide, widen(b, dtype), out=wide)  # in place: one float32 block less at the peak
+        return narrow(wide, dtype)
     return op(a, b)
 
 
@@ -147,10 +147,10 @@ def plan(outer: Checkpoint, base: Checkpoint, op: Callable, outer_role: str) -> 
     fam = family_for(outer.config, str(outer.folder / "config.json"))
     keep = lambda t: {n: s for n, s in t.items() if not fam.skip_tensor(n)}  # noqa: E731
     mine, theirs = keep(outer.tensors), keep(base.tensors)
-    for name in mine.keys() - theirs.keys():
+    for name in sorted(mine.keys() - theirs.keys()):
         raise XvqError(f"{mine[name].file}: tensor {name} of the {outer_role} is not in the base "
                        f"({base.folder}); use the base model the {outer_role} was made against")
-    for name in theirs.keys() - mine.keys():
+    for name in sorted(theirs.keys() - mine.keys()):
         raise XvqError(f"{theirs[name].file}: tensor {name} of the base is missing from the {outer_role} "
                        f"({outer.folder}); use the base model the {outer_role} was made against")
     vocab_outer, vocab_base = outer.config.get("vocab_size", -1), base.config.get("vocab_size", -1)
@@ -204,7 +204,7 @@ def write_shards(steps: list[Step], folder: Path, max_bytes: int, desc: str) -> 
                 for s in group:
                     bar.set_postfix_str(s.name, refresh=False)
                     for block in s.blocks():
-                        f.write(block.tobytes())
+                        f.write(block.data)  # the block's own buffer, no copy
                         bar.update(block.nbytes)
                     weight_map[s.name] = fname
     index = {"metadata": {"total_size": sum(s.nbytes for s in steps)}, "weight_map": weight_map}
@@ -226,6 +226,8 @@ def _write_model(steps: list[Step], files_from: Path, outdir: Path, shard_size: 
     except ValueError as e:
         raise XvqError(f"--shard-size: {e}") from None
     outdir = Path(outdir)
+    if outdir.exists() and (not outdir.is_dir() or any(outdir.iterdir())):
+        raise XvqError(f"{outdir}: already exists and is not empty; remove it or choose another --outdir")
     with atomic_output(outdir, is_dir=True) as tmp:
         for p in non_weight_files(files_from):
             shutil.copy2(p, tmp / p.name)
@@ -262,8 +264,9 @@ def make_delta(base: Path | str, target: Path | str, outdir: Path | str, *,
 
 @dataclass
 class Mismatch:
-    name: str
+    name: str      # a tensor name, or a file name when kind == "file"
     reason: str
+    kind: str = "tensor"
 
 
 def check_merge(base: Path | str, delta: Path | str, merged: Path | str) -> list[Mismatch]:
@@ -288,12 +291,12 @@ def check_merge(base: Path | str, delta: Path | str, merged: Path | str) -> list
     for p in non_weight_files(d.folder):
         q = m.folder / p.name
         if not q.is_file():
-            bad.append(Mismatch(p.name, "missing (the delta's file)"))
+            bad.append(Mismatch(p.name, "missing (the delta's file)", "file"))
         elif p.name == "config.json":
             if json.loads(q.read_text(encoding="utf-8")) != d.config:
-                bad.append(Mismatch(p.name, "differs from the delta's"))
+                bad.append(Mismatch(p.name, "differs from the delta's", "file"))
         elif q.read_bytes() != p.read_bytes():
-            bad.append(Mismatch(p.name, "differs from the delta's"))
+            bad.append(Mismatch(p.name, "differs from the delta's", "file"))
     return bad
 
 

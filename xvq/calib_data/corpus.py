@@ -15,10 +15,10 @@ from importlib import resources
 from typing import Iterator
 
 # The languages of XVERSE-65B's published pre-training mix, in the order of their share, then code.
-LANGUAGES = (
+LANGUAGES = tuple((
     "en zh ja ru de es fr pl it pt cs uk tr nl hu ko sv el fi id vi ar ro bg th da mr sk fa hi "
     "no ca iw lt ms sl et lv sr ta kk"
-).split()
+).split())
 CODE = "code"
 ALL_LANGS = (*LANGUAGES, CODE)
 

@@ -6,6 +6,7 @@ import hashlib
 import json
 import random
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -133,7 +134,16 @@ def _prefix_within(rec: dict, max_tokens: int, counter: TokenCounter) -> dict | 
     """The longest prefix of the record ending at a boundary with at most max_tokens tokens
     (binary search: token counts grow with the prefix)."""
     text = rec["text"]
-    cuts = [m.end() for m in _CUT_AFTER.finditer(text)] or list(range(1, len(text)))
+    best = _longest_prefix(text, [m.end() for m in _CUT_AFTER.finditer(text)], max_tokens, counter)
+    if best is None or best[1] < MIN_PARTIAL_TOKENS:   # scripts without spaces (Thai): any character not starting a combining mark
+        cuts = [i for i in range(1, len(text)) if not unicodedata.category(text[i]).startswith("M")]
+        best = _longest_prefix(text, cuts, max_tokens, counter)
+    if best is None or best[1] < MIN_PARTIAL_TOKENS:
+        return None
+    return {**rec, "text": best[0], "tokens": best[1], "partial": True}
+
+
+def _longest_prefix(text: str, cuts: list[int], max_tokens: int, counter: TokenCounter):
     lo, hi, best = 0, len(cuts) - 1, None
     while lo <= hi:
         mid = (lo + hi) // 2
@@ -143,9 +153,7 @@ def _prefix_within(rec: dict, max_tokens: int, counter: TokenCounter) -> dict | 
             best, lo = (piece, n), mid + 1
         else:
             hi = mid - 1
-    if best is None or best[1] < MIN_PARTIAL_TOKENS:
-        return None
-    return {**rec, "text": best[0], "tokens": best[1], "partial": True}
+    return best
 
 
 def load_extra_files(paths: Iterable[Path]) -> list[dict]:

@@ -49,17 +49,18 @@ class TokenCounter:
 
 
 def _load_encoder(folder: Path):
-    """tokenizer.json through `tokenizers` (fast, no model code); a SentencePiece-only folder
-    through transformers. Special tokens (BOS/EOS) are not counted: llama-imatrix adds its own."""
-    if not folder.is_dir():
-        raise XvqError(f"{folder}: tokenizer folder not found; pass --tokenizer a folder with tokenizer.json or tokenizer.model")
-    if (folder / "tokenizer.json").is_file():
+    """tokenizer.json (the folder's, or the file itself) through `tokenizers` (fast, no model
+    code); a SentencePiece-only folder through transformers. Special tokens (BOS/EOS) are not counted: llama-imatrix adds its own."""
+    tokenizer_json = folder if folder.is_file() and folder.suffix == ".json" else folder / "tokenizer.json"
+    if tokenizer_json.is_file():
         from tokenizers import Tokenizer
         try:
-            tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+            tok = Tokenizer.from_file(str(tokenizer_json))
         except Exception as e:
-            raise XvqError(f"{folder / 'tokenizer.json'}: cannot be read as a tokenizer ({e}); pass a valid tokenizer folder") from e
+            raise XvqError(f"{tokenizer_json}: cannot be read as a tokenizer ({e}); pass a valid tokenizer folder") from e
         return lambda text: len(tok.encode(text, add_special_tokens=False).ids)
+    if not folder.is_dir():
+        raise XvqError(f"{folder}: tokenizer folder not found; pass --tokenizer a folder with tokenizer.json or tokenizer.model")
     if (folder / "tokenizer.model").is_file():
         from transformers import AutoTokenizer
         try:

@@ -52,6 +52,10 @@ def write_metadata(w: gguf.GGUFWriter, fam: Family, name: str, outtype: str, par
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if fam.license:
         w.add_license(fam.license)
+    if fam.license_name:
+        w.add_license_name(fam.license_name)
+    if fam.license_link:
+        w.add_license_link(fam.license_link)
     fam.write_hparams(w)
 
 

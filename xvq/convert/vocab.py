@@ -84,7 +84,7 @@ def _pre_tokenizer_variants(tj: dict):
     def with_scheme(scheme: str):
         def patch(node):
             if isinstance(node, dict):
-                if node.get("type") == "Metaspace":
+                if node.get("type") == "Metaspace" and node.get("prepend_scheme", "first") != "always":
                     node = dict(node, prepend_scheme=scheme, add_prefix_space=scheme != "never")
                 return {k: patch(v) for k, v in node.items()}
             if isinstance(node, list):
@@ -180,12 +180,12 @@ def json_vocab(path: Path) -> Vocab:
         kind, score = TT.NORMAL, 0.0
         if t is None:
             t, kind = v.placeholder(f"hole{i}"), TT.UNUSED
+        elif _is_byte_token(t):  # before added tokens: some trainers list the bytes as specials
+            kind = TT.BYTE
         elif i in added:
             kind = TT.CONTROL if added[i].get("special") else TT.USER_DEFINED
             if t == unk:
                 kind = TT.UNKNOWN
-        elif _is_byte_token(t):
-            kind = TT.BYTE
         elif reach.get(t) != "mid":
             v.renamed[i] = t
             if reach.get(t) == "start":
@@ -201,6 +201,9 @@ def json_vocab(path: Path) -> Vocab:
     if model.get("ignore_merges"):
         v.notes.append("ignore_merges is set: whole-word vocabulary hits are not reproduced by llama.cpp")
     v.add_space_prefix, v.add_bos, v.add_eos = _hf_behaviour(path)
+    if tj.get("pre_tokenizer") and "".join(_pieces(_pre_tokenizer_variants(tj)[1], "a,b")).count(SPACE) > 1:
+        v.notes.append("the pre-tokenizer prefixes every piece with a space (Metaspace prepend_scheme always); "
+                       "llama.cpp prefixes only the text, so ids differ around punctuation and digits")
     return v
 
 

@@ -14,7 +14,10 @@ from xvq.models.base import OutTensor
 QT = gguf.GGMLQuantizationType
 OUTTYPES = {"f32": (QT.F32, gguf.LlamaFileType.ALL_F32), "f16": (QT.F16, gguf.LlamaFileType.MOSTLY_F16),
             "bf16": (QT.BF16, gguf.LlamaFileType.MOSTLY_BF16), "q8_0": (QT.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0)}
-BLOCK_BYTES = 64 << 20  # float32 bytes converted at once
+# float32 bytes converted at once. Small enough that a block and its temporaries stay in the
+# CPU cache: 4 MiB blocks converted a bf16 checkpoint ~2x faster than 64 MiB ones (and each
+# fresh 64 MiB temporary costs page faults), with a few ms of Python overhead per block at most.
+BLOCK_BYTES = 4 << 20
 
 
 def parse_size(text: str | int | None) -> int:

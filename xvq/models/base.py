@@ -99,7 +99,13 @@ class Family:
     default_rope_theta: ClassVar[float] = 10000.0
     chat_template: ClassVar[str | None] = None      # Jinja template for *-Chat checkpoints
     chat_template_names: ClassVar[dict[str, str]] = {}  # --chat-template NAME -> template
-    license: ClassVar[str | None] = None
+    license: ClassVar[str | None] = None            # SPDX-style id for general.license and cards
+    license_name: ClassVar[str | None] = None       # the model licence's own name, when not an SPDX one
+    license_link: ClassVar[str | None] = None
+    languages: ClassVar[tuple[str, ...]] = ("en",)  # model-card `language:` list
+    # Ollama Modelfile: prompt template (Go template syntax) and stop strings
+    ollama_template: ClassVar[str] = "{{ .Prompt }}"
+    stop_strings: ClassVar[tuple[str, ...]] = ()
     gptq_base: ClassVar[str] = "llama"              # GPTQModel definition to quantize through
     rope_permute_qk: ClassVar[bool] = True          # HF rotate-half -> llama.cpp NORM rope
 

@@ -18,7 +18,13 @@ class Xverse(Family):
     vocab_kind = "bpe"
     chat_template = XVERSE_CHAT
     chat_template_names = {"xverse": XVERSE_CHAT}
-    license = "apache-2.0 (code); XVERSE model license (weights)"
+    license = "apache-2.0"
+    license_name = "XVERSE Model License Agreement"
+    license_link = "https://github.com/xverse-ai/XVERSE-13B/blob/main/MODEL_LICENSE.pdf"
+    languages = ("zh", "en", "ja", "ru", "de", "es", "fr", "ko", "multilingual")
+    ollama_template = ('{{ if .System }}{{ .System }}\n\n{{ end }}Human: {{ .Prompt }}\n\n'
+                       'Assistant: {{ .Response }}<|endoftext|>')
+    stop_strings = ("<|endoftext|>", "Human:")
 
     @classmethod
     def accepts(cls, config: dict) -> bool:

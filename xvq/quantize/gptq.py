@@ -134,23 +134,20 @@ def calibration_texts(model_dir: Path, budget_tokens: int, seed: int) -> list[st
 
 def calibration_sequences(tokenizer, texts: Sequence[str], budget_tokens: int, max_seq_len: int,
                           seed: int) -> list[dict]:
-    """Token sequences of at most max_seq_len, up to budget_tokens in all, in a seeded order.
-    Long texts are cut into consecutive windows; pieces shorter than MIN_SEQ_TOKENS are dropped."""
+    """Token sequences of max_seq_len (the last may be shorter), up to budget_tokens in all: the
+    texts in a seeded order, separated by blank lines, packed into consecutive windows (the
+    calibration set's paragraphs are short; GPTQ's Hessians want context). Deterministic per seed."""
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
-    seqs, total = [], 0
+    stream: list[int] = []
     for i in order:
-        ids = tokenizer(texts[i], add_special_tokens=True)["input_ids"]
-        for start in range(0, len(ids), max_seq_len):
-            piece = ids[start:start + max_seq_len]
-            if len(piece) < MIN_SEQ_TOKENS:
-                continue
-            piece = piece[:budget_tokens - total]
-            seqs.append({"input_ids": piece, "attention_mask": [1] * len(piece)})
-            total += len(piece)
-            if total >= budget_tokens:
-                return seqs
-    return seqs
+        if texts[i].strip():
+            stream += tokenizer(texts[i] + "\n\n", add_special_tokens=False)["input_ids"]
+        if len(stream) >= budget_tokens:
+            break
+    stream = stream[:budget_tokens]
+    windows = [stream[k:k + max_seq_len] for k in range(0, len(stream), max_seq_len)]
+    return [{"input_ids": w, "attention_mask": [1] * len(w)} for w in windows if len(w) >= MIN_SEQ_TOKENS]
 
 
 # ----------------------------------------------------------------------------------------------

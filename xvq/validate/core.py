@@ -69,13 +69,14 @@ def evaluation_texts(text, heldout: bool) -> tuple[dict[str, str], str]:
 
 
 def tokenizer_samples(texts: dict[str, str]) -> list[str]:
+    """Lines of the evaluation text (spread evenly, at most TOKENIZER_SAMPLES) and the hard strings."""
     lines = [ln for t in texts.values() for ln in t.splitlines() if ln.strip()]
     step = max(1, len(lines) // TOKENIZER_SAMPLES)
     samples = lines[::step][:TOKENIZER_SAMPLES]
-    try:
-        from xvq.validate import tokparity
-        samples += list(getattr(tokparity, "HARD_STRINGS", []))
-    except ImportError:
+    try:    # the converter's multilingual hard-string sample (issue 3)
+        from xvq.validate.tokparity import parity_sample
+        samples += parity_sample()
+    except (ImportError, OSError):
         pass
     return samples
 

@@ -1,0 +1,285 @@
+"""The multilingual calibration set: text per language, held-out split, share sampling, CLI."""
+from __future__ import annotations
+
+import json
+import unicodedata
+from collections import Counter
+
+import pytest
+from click.testing import CliRunner
+
+from tests.conftest import shared
+from xvq.calib_data import ALL_LANGS, LANGUAGES, corpus_texts, heldout_texts, records, sample, target_shares
+from xvq.cli import main
+from xvq.errors import XvqError
+
+XVERSE_41 = ("en zh ja ru de es fr pl it pt cs uk tr nl hu ko sv el fi id vi ar ro bg th da mr sk fa hi "
+             "no ca iw lt ms sl et lv sr ta kk").split()
+CODE_LANGS = {"php", "javascript", "java", "python", "typescript", "c", "cpp", "csharp", "go", "rust"}
+
+# The Unicode script that must dominate each language's letters (from unicodedata, not our code).
+SCRIPT = {**{lang: "LATIN" for lang in XVERSE_41},
+          "zh": "CJK", "ru": "CYRILLIC", "uk": "CYRILLIC", "bg": "CYRILLIC", "sr": "CYRILLIC",
+          "kk": "CYRILLIC", "el": "GREEK", "ar": "ARABIC", "fa": "ARABIC", "iw": "HEBREW",
+          "hi": "DEVANAGARI", "mr": "DEVANAGARI", "ta": "TAMIL", "th": "THAI", "ko": "HANGUL", "ja": "HIRAGANA"}
+# Letters that only (or mostly) this language of its script uses: catches mislabelled text.
+MARKERS = {"de": "äöüß", "pl": "łąęśż", "cs": "řěů", "sk": "ľ", "tr": "ğşı", "hu": "őű", "ro": "șțâ",
+           "vi": "ơưđ", "et": "õä", "lv": "āēīķļ", "lt": "ėųįš", "sl": "čšž", "uk": "іїє", "kk": "әұқңө",
+           "sr": "ђћ", "fr": "éèç", "es": "ñ¿", "pt": "ãõç", "ca": "l·l", "da": "æø", "no": "æø",
+           "sv": "åä", "fi": "ä", "fa": "پگچ", "mr": "ळ", "ja": "のはを"}
+
+
+def scripts(text: str) -> Counter:
+    return Counter(unicodedata.name(c, "?").split()[0] for c in text if c.isalpha())
+
+
+def tok_counter(tokenizer_json):
+    """Reference counts straight from the `tokenizers` library."""
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    return lambda text: len(tok.encode(text, add_special_tokens=False).ids)
+
+
+# --- the text --------------------------------------------------------------------------------
+
+def test_every_language_and_code_present_in_both_splits():
+    assert LANGUAGES == tuple(XVERSE_41) and ALL_LANGS == (*XVERSE_41, "code")
+    for split in ("train", "heldout"):
+        assert {r["lang"] for r in records(split)} == set(ALL_LANGS), split
+    size = Counter()
+    for r in records("all"):
+        size[r["lang"]] += len(r["text"].encode())
+    assert size["en"] > 20_000 and size["zh"] > 12_000 and size["ja"] > 3_000 and size["ru"] > 3_000
+    assert all(size[lang] >= 800 for lang in XVERSE_41), size
+    assert 0.05 < size["code"] / sum(size.values()) < 0.10
+    assert all(r["text"].strip() == r["text"].strip("\n").strip() and r["text"].strip() for r in records("all"))
+
+
+@pytest.mark.parametrize("lang", XVERSE_41)
+def test_language_is_in_its_script(lang):
+    text = "".join(r["text"] for r in records("all", (lang,)))
+    counts = scripts(text)
+    assert counts.most_common(1)[0][0] == SCRIPT[lang], counts.most_common(3)
+    if lang == "ja":
+        kana = counts["HIRAGANA"] + counts["KATAKANA"]
+        assert kana > 0.3 * sum(counts.values())
+    for ch in MARKERS.get(lang, ""):
+        assert ch in text.lower(), f"{lang} text lacks {ch!r}"
+
+
+def test_code_covers_the_main_languages_and_python_parses():
+    code = records("all", ("code",))
+    assert {r["code_lang"] for r in code} == CODE_LANGS
+    for r in code:
+        if r["code_lang"] == "python":
+            compile(r["text"], "<calib>", "exec")
+    assert sum(1 for r in code if r["code_lang"] == "c" and "#include" in r["text"]) >= 1
+
+
+def test_corpus_texts_are_the_train_records():
+    assert list(corpus_texts()) == [r["text"] for r in records("train")]
+    assert list(corpus_texts("heldout")) == [r["text"] for r in records("heldout")]
+
+
+# --- held-out split ---------------------------------------------------------------------------
+
+def test_heldout_is_disjoint_from_training_and_never_sampled():
+    train, held = records("train"), records("heldout")
+    assert not {r["text"] for r in train} & {r["text"] for r in held}
+    assert len(train) + len(held) == len(records("all"))
+    frac = len(held) / len(records("all"))
+    assert 0.12 < frac < 0.30, frac
+    ht = heldout_texts()
+    assert set(ht) == set(ALL_LANGS) and all(ht.values())
+    for seed in (0, 1, 2):
+        s = sample(10**7, seed=seed)     # everything the training split has
+        sampled = {r["text"] for r in s.records}
+        for r in held:
+            assert r["text"] not in sampled and r["text"] not in s.text
+
+
+# --- shares, floor, budget --------------------------------------------------------------------
+
+def test_target_shares_follow_xverse_65b_published_mix():
+    t = target_shares()
+    assert sum(t.values()) == pytest.approx(1.0)
+    assert t["code"] == pytest.approx(0.07)
+    # unfloored languages keep the published ratios
+    assert t["en"] / t["zh"] == pytest.approx(54.91 / 31.09)
+    assert t["ja"] / t["ru"] == pytest.approx(3.22 / 3.15)
+    assert t["de"] / t["fr"] == pytest.approx(1.52 / 0.73)
+    assert t["en"] == max(t.values()) and t["zh"] > t["ja"] > t["ru"] > t["de"] > t["es"] > t["fr"]
+    assert min(t.values()) == pytest.approx(0.0025)     # the floor
+    assert 0.45 < t["en"] < 0.55 and 0.25 < t["zh"] < 0.31
+
+
+def test_sample_shares_follow_targets_where_text_suffices():
+    s = sample(8192, seed=0)
+    assert s.total_tokens <= 8192
+    assert s.total_tokens > 0.97 * 8192
+    for st in s.per_language:
+        assert st.available >= st.target_tokens and st.shortfall == 0, st
+        # within a few tokens (one paragraph boundary) of the target
+        assert st.target_tokens - 15 <= st.tokens <= st.target_tokens, st
+        assert abs(s.actual_share(st.lang) - st.target_share) < 0.1 * st.target_share + 0.002, st
+
+
+def test_floor_keeps_every_language():
+    s = sample(8192, seed=5)
+    langs = Counter(r["lang"] for r in s.records)
+    assert set(langs) == set(ALL_LANGS)
+    floor = 0.0025 * 8192
+    for st in s.per_language:
+        assert st.tokens >= 0.7 * floor, st
+
+
+def test_deterministic_under_seed_and_different_under_another():
+    a, b, c = sample(4096, seed=0), sample(4096, seed=0), sample(4096, seed=1)
+    assert a.text == b.text and a.dataset_name == b.dataset_name == "xvq-calib-v1+seed0+4k"
+    assert a.text != c.text and c.dataset_name == "xvq-calib-v1+seed1+4k"
+    assert {r["text"] for r in a.records} != {r["text"] for r in c.records}
+
+
+def test_budget_is_capped_by_unique_text_and_shortfall_reported():
+    s = sample(10**6)
+    texts = [r["text"] for r in s.records]
+    assert len(texts) == len(set(texts))                            # no repeats
+    assert sorted(texts) == sorted(corpus_texts())                   # all training text, once
+    assert not any(r["partial"] for r in s.records)
+    for st in s.per_language:
+        assert st.tokens == st.available
+        assert st.shortfall == st.target_tokens - st.available > 0
+    assert s.total_tokens < 10**6
+    with pytest.raises(XvqError):
+        sample(0)
+
+
+# --- user text --------------------------------------------------------------------------------
+
+def test_calib_file_txt_and_jsonl(tmp_path):
+    txt = tmp_path / "mine.txt"
+    txt.write_text("Ein eigener Absatz über Kalibrierung.\n\nA second paragraph of my own text.\n", encoding="utf-8")
+    jl = tmp_path / "more.jsonl"
+    de_text = "Dieser deutsche Absatz kommt aus einer JSONL-Datei und gehört zum deutschen Vorrat."
+    jl.write_text(json.dumps({"lang": "de", "text": de_text}) + "\n\n"
+                  + json.dumps({"text": "no language given here"}) + "\n", encoding="utf-8")
+    base = sample(10**6)
+    s = sample(10**6, extra_files=[txt, jl])
+    user = [r for r in s.records if r["lang"] == "user"]
+    assert sorted(r["text"] for r in user) == ["A second paragraph of my own text.",
+                                               "Ein eigener Absatz über Kalibrierung.", "no language given here"]
+    assert de_text in [r["text"] for r in s.records if r["lang"] == "de"]
+    stat = {st.lang: st for st in s.per_language}
+    assert stat["de"].available > {st.lang: st for st in base.per_language}["de"].available
+    assert stat["user"].tokens == sum(r["tokens"] for r in user) and stat["user"].target_share == 0
+    assert s.dataset_name.startswith("xvq-calib-v1+seed0+") and "+user-" in s.dataset_name
+    # user text comes first, in full, and is paid for from the budget
+    small = sample(200, extra_files=[txt])
+    assert {r["text"] for r in small.records if r["lang"] == "user"} == {
+        "Ein eigener Absatz über Kalibrierung.", "A second paragraph of my own text."}
+    assert small.total_tokens <= 200
+    tiny = sample(12, extra_files=[txt])    # more user text than budget: cut, not overrun
+    assert 0 < tiny.total_tokens <= 12 and tiny.records and all(r["lang"] == "user" for r in tiny.records)
+
+
+def test_calib_file_errors(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{not json\n', encoding="utf-8")
+    with pytest.raises(XvqError, match=r"bad.jsonl:2"):
+        sample(1000, extra_files=[bad])
+    notext = tmp_path / "notext.jsonl"
+    notext.write_text('{"lang": "en"}\n', encoding="utf-8")
+    with pytest.raises(XvqError, match="text"):
+        sample(1000, extra_files=[notext])
+    with pytest.raises(XvqError, match="not found"):
+        sample(1000, extra_files=[tmp_path / "missing.txt"])
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n", encoding="utf-8")
+    with pytest.raises(XvqError, match="no text"):
+        sample(1000, extra_files=[empty])
+
+
+# --- token counting against real tokenizers ---------------------------------------------------
+
+def _check_counts_against(tokenizer_dir, budget=6000):
+    count = tok_counter(tokenizer_dir / "tokenizer.json")
+    s = sample(budget, seed=2, tokenizer_dir=tokenizer_dir)
+    assert s.counter == tokenizer_dir.name
+    for r in s.records:
+        assert r["tokens"] == count(r["text"])
+    by_lang = Counter()
+    for r in s.records:
+        by_lang[r["lang"]] += count(r["text"])
+    for st in s.per_language:
+        assert st.tokens == by_lang[st.lang]
+    assert s.total_tokens <= budget
+    # the joined text tokenizes to about the sum (separators and word-boundary merges aside)
+    assert abs(count(s.text) - s.total_tokens) < 0.05 * s.total_tokens
+    return s
+
+
+def test_token_counts_match_synth_tokenizer(xverse_tokenizer_dir):
+    s = _check_counts_against(xverse_tokenizer_dir)
+    from transformers import AutoTokenizer     # and transformers agrees with the counts
+    hf = AutoTokenizer.from_pretrained(str(xverse_tokenizer_dir))
+    for r in s.records[:20]:
+        assert len(hf(r["text"], add_special_tokens=False)["input_ids"]) == r["tokens"]
+
+
+def test_token_counts_match_shared_xverse_style_tokenizer():
+    d = shared("xverse-style-tokenizer")
+    _check_counts_against(d)
+    count = tok_counter(d / "tokenizer.json")
+    # the default estimate is within a factor of 1.6 of a real tokenizer on English and Chinese
+    from xvq.calib_data import estimate_tokens
+    for lang in ("en", "zh"):
+        text = "\n\n".join(r["text"] for r in records("all", (lang,)))
+        ratio = estimate_tokens(text) / count(text)
+        assert 1 / 1.6 < ratio < 1.6, (lang, ratio)
+
+
+def test_estimate_by_hand():
+    from xvq.calib_data import estimate_tokens
+    # 2 CJK chars -> 2; 8 ASCII letters -> 2; 2 accented letters -> 1; spaces free
+    assert estimate_tokens("abcd efgh 中文 éé") == 5
+    assert estimate_tokens("Привет") == 3 and estimate_tokens("") == 0
+    assert estimate_tokens("日本語のテキスト") == 8
+
+
+def test_bad_tokenizer_dir_is_a_user_error(tmp_path):
+    with pytest.raises(XvqError, match="tokenizer"):
+        sample(1000, tokenizer_dir=tmp_path)
+
+
+# --- CLI --------------------------------------------------------------------------------------
+
+def test_cli_show_prints_every_language():
+    res = CliRunner().invoke(main, ["calib", "show", "--calib-tokens", "8192", "--seed", "3"])
+    assert res.exit_code == 0, res.output
+    rows = {line.split()[0]: line.split() for line in res.output.splitlines()[2:] if line.strip()}
+    assert set(rows) == set(ALL_LANGS)
+    s = sample(8192, seed=3)
+    for st in s.per_language:
+        row = rows[st.lang]
+        assert row[-4] == f"{100 * st.target_share:.2f}%"
+        assert int(row[-2]) == st.tokens and int(row[-1]) == st.shortfall
+    assert "xvq-calib-v1+seed3+8k" in res.output
+
+    big = CliRunner().invoke(main, ["calib", "show", "--calib-tokens", "1000000"])
+    assert big.exit_code == 0 and "shortfall" in big.output.splitlines()[-1]
+
+
+def test_cli_export_writes_the_sample(tmp_path):
+    user = tmp_path / "u.txt"
+    user.write_text("My own calibration paragraph.", encoding="utf-8")
+    out = tmp_path / "sub" / "calib.txt"
+    res = CliRunner().invoke(main, ["calib", "export", str(out), "--calib-tokens", "3000", "--seed", "4",
+                                    "--calib-file", str(user)])
+    assert res.exit_code == 0, res.output
+    assert out.read_text(encoding="utf-8") == sample(3000, seed=4, extra_files=[user]).text + "\n"
+    assert "My own calibration paragraph." in out.read_text(encoding="utf-8")
+    assert list(out.parent.iterdir()) == [out]          # no temporary left behind
+
+    fail = tmp_path / "fail.txt"
+    res = CliRunner().invoke(main, ["calib", "export", str(fail), "--calib-tokens", "0"])
+    assert res.exit_code == 1 and "budget" in res.output and not fail.exists()

@@ -1,0 +1,229 @@
+"""`xvq quantize gguf`: llama.cpp's quantizer driven from Python, byte-identical to llama-quantize
+with the same imatrix; quality (KL divergence to the f32 model, from llama.cpp logits) falls as
+bits rise and xvq's imatrix lowers it; bad inputs fail cleanly."""
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import DEMO, shared
+from xvq import anchors
+from xvq.errors import XvqError
+from xvq.layout import Layout
+from xvq.quantize.gguf import parse_type, quant_types, quantize, quantize_file
+from xvq.quantize.imatrix import Imatrix, LlamaModel, chunks_of, compute_imatrix
+
+N_CTX = 128
+THREADS = 1   # shared test machine: llama.cpp's spinning worker threads only slow it down
+LADDER = ["Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"]
+
+
+def anchor(name: str) -> Path:
+    exe = anchors.tool(name)
+    if exe is None:
+        pytest.skip(f"llama.cpp tool {name} not built (python -m xvq.anchors build)")
+    return exe
+
+
+def tinystories() -> str:
+    return shared("corpus", "tinystories_sample", "TinyStories-valid-excerpt.txt").read_text()
+
+
+@pytest.fixture(scope="module")
+def stories(tmp_path_factory):
+    """stories260K (trained) as f32 GGUF; calibration = first half of the TinyStories excerpt."""
+    from xvq.convert import convert
+    d = tmp_path_factory.mktemp("stories-quant")
+    convert(shared("stories260K-hf"), d / "stories-f32.gguf", "f32", progress=False)
+    (d / "calib.txt").write_text(tinystories()[:8000])
+    return d / "stories-f32.gguf", d / "calib.txt"
+
+
+@pytest.fixture(scope="module")
+def stories_imatrix(stories, tmp_path_factory):
+    model, text = stories
+    im = compute_imatrix(model, text.read_text(), dataset=text.name, n_ctx=N_CTX, n_threads=THREADS, progress=False)
+    return im.save(tmp_path_factory.mktemp("stories-im") / "stories.imatrix.gguf")
+
+
+def tensors_of(path: Path) -> dict[str, tuple[str, bytes]]:
+    return {t.name: (t.tensor_type.name, t.data.tobytes()) for t in gguf.GGUFReader(path).tensors}
+
+
+def kv(path: Path, prefix: str) -> dict:
+    return {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items() if k.startswith(prefix)}
+
+
+# --- types ---------------------------------------------------------------------------------------
+
+def test_types_are_llama_quantize_s():
+    """Every type llama-quantize lists (its own usage text), names case-insensitive."""
+    out = subprocess.run([str(anchor("llama-quantize")), "--help"], capture_output=True, text=True)
+    listed = {name: int(num) for num, name in re.findall(r"^\s+(\d+)\s+or\s+([A-Z0-9_]+)\s*:",
+                                                          out.stdout + out.stderr, re.M) if name != "COPY"}
+    assert listed, "could not read llama-quantize's type list"
+    ours = {name: parse_type(name).ftype for name in [*quant_types(), "Q3_K", "Q4_K", "Q5_K"]}
+    assert ours == listed
+    assert parse_type("q4_k_m").name == "Q4_K_M" and parse_type("Q4_K").name == "Q4_K_M"
+    with pytest.raises(XvqError, match=r"unknown quantization type; use one of ") as e:
+        parse_type("Q4_K_X")
+    assert all(t in str(e.value) for t in listed)
+
+
+# --- parity with llama-quantize ------------------------------------------------------------------
+
+@pytest.mark.parametrize("qtype", ["Q4_K_M", "Q2_K", "IQ2_M"])
+def test_byte_identical_to_llama_quantize_with_the_same_imatrix(stories, stories_imatrix, tmp_path, qtype):
+    model, _ = stories
+    ref = tmp_path / "ref.gguf"
+    subprocess.run([str(anchor("llama-quantize")), "--imatrix", str(stories_imatrix), str(model), str(ref),
+                    qtype, str(THREADS)], check=True, capture_output=True)
+    ours = quantize_file(model, tmp_path / "ours.gguf", qtype, imatrix=Imatrix.load(stories_imatrix),
+                         n_threads=THREADS, progress=False)
+    assert tensors_of(ours) == tensors_of(ref)
+    assert kv(ours, "quantize.") == kv(ref, "quantize.") == {
+        "quantize.imatrix.file": str(stories_imatrix), "quantize.imatrix.dataset": "calib.txt",
+        "quantize.imatrix.entries_count": 35, "quantize.imatrix.chunks_count": kv(ref, "quantize.")[
+            "quantize.imatrix.chunks_count"]}
+    assert ours.read_bytes() == ref.read_bytes()
+
+
+# --- quality: KL divergence to the f32 model from llama.cpp logits -------------------------------
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def llama_logits(path: Path, chunks) -> np.ndarray:
+    with LlamaModel(path, N_CTX, n_threads=THREADS) as m:
+        return np.concatenate([m.eval_chunk(c) for c in chunks])
+
+
+def kld(ref_logits: np.ndarray, path: Path, chunks) -> float:
+    p, q = log_softmax(ref_logits), log_softmax(llama_logits(path, chunks))
+    return float((np.exp(p) * (p - q)).sum(-1).mean())
+
+
+def kld_ladder(model: Path, calib: str, held_out: str, tmp: Path) -> dict[str, tuple[float, float]]:
+    """type -> (KLD without imatrix, KLD with xvq's imatrix), on held-out text."""
+    im = compute_imatrix(model, calib, n_ctx=N_CTX, n_threads=THREADS, progress=False)
+    with LlamaModel(model, N_CTX, n_threads=THREADS) as m:
+        chunks = chunks_of(m.tokenize(held_out), N_CTX, m.bos if m.add_bos else None, 8)
+    ref = llama_logits(model, chunks)
+    out = {}
+    for t in LADDER:
+        plain = quantize_file(model, tmp / f"{t}.gguf", t, n_threads=THREADS, progress=False)
+        k_plain = kld(ref, plain, chunks)
+        weighted = quantize_file(model, tmp / f"{t}-im.gguf", t, imatrix=im, n_threads=THREADS, progress=False)
+        out[t] = (k_plain, kld(ref, weighted, chunks))
+    return out
+
+
+def test_kld_falls_with_bits_and_imatrix_lowers_it_stories260k(stories, tmp_path):
+    """hidden 64 < 256: llama.cpp falls back from k-quants to Q4_0/Q5_0/Q5_1/Q8_0 per tensor, so
+    Q6_K and Q8_0 both end up Q8_0 here (equal KLD); the ladder below is still strict."""
+    model, _ = stories
+    text = tinystories()
+    res = kld_ladder(model, text[:8000], text[15000:], tmp_path)
+    with_im = [res[t][1] for t in LADDER]
+    assert all(a > b for a, b in zip(with_im[:4], with_im[1:5])), res
+    assert with_im[4] >= with_im[5], res
+    assert res["Q2_K"][1] < res["Q2_K"][0], res
+    assert res["Q4_K_M"][1] < res["Q4_K_M"][0], res
+
+
+def test_kld_falls_with_bits_and_imatrix_lowers_it_demo_model(tmp_path):
+    from xvq.convert import convert
+    if not (DEMO / "config.json").is_file():
+        pytest.skip("demo model (xvq/demo/model) not present")
+    model = tmp_path / "demo-f32.gguf"
+    convert(DEMO, model, "f32", progress=False)
+    text = tinystories()
+    res = kld_ladder(model, text[:8000], text[15000:], tmp_path)
+    with_im = [res[t][1] for t in LADDER]
+    assert all(a > b for a, b in zip(with_im, with_im[1:])), res
+    assert res["Q2_K"][1] < res["Q2_K"][0], res
+    assert res["Q4_K_M"][1] < res["Q4_K_M"][0], res
+
+
+# --- the command ---------------------------------------------------------------------------------
+
+def test_cli_from_model_folder_writes_the_layout(tmp_path, stories):
+    """`make gguf`'s call: MODEL_DIR --out-root OUT --type ... → f16, one imatrix, one file per type."""
+    from xvq.cli import main
+    src = shared("stories260K-hf")
+    _, calib = stories
+    args = ["quantize", "gguf", str(src), "--out-root", str(tmp_path), "--type", "q4_k_m", "--type", "Q8_0",
+            "--calib-file", str(calib), "--ctx", str(N_CTX), "--threads", str(THREADS)]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    lay = Layout.for_model(src, None, tmp_path)
+    assert lay.gguf("f16").is_file() and lay.imatrix().is_file()
+    q4, q8 = lay.gguf("Q4_K_M"), lay.gguf("Q8_0")
+    assert q4.name == "stories260k-hf-q4_k_m.gguf" and q8.is_file()
+    meta = kv(q4, "quantize.")
+    assert meta["quantize.imatrix.file"] == str(lay.imatrix())
+    assert meta["quantize.imatrix.dataset"] == str(calib)
+    assert meta["quantize.imatrix.entries_count"] == 35 and meta["quantize.imatrix.chunks_count"] > 0
+    assert kv(q8, "quantize.") == {}                       # auto: no imatrix at Q6_K and above
+    assert kv(q4, "general.file_type")["general.file_type"] == parse_type("Q4_K_M").ftype
+    # a second call reuses the layout's imatrix instead of measuring again
+    mtime = lay.imatrix().stat().st_mtime_ns
+    r = CliRunner().invoke(main, args[:6] + ["--type", "Q3_K_M", "--calib-file", str(calib),
+                                            "--threads", str(THREADS)])
+    assert r.exit_code == 0, r.output
+    assert "reusing" in r.output and lay.imatrix().stat().st_mtime_ns == mtime
+    assert lay.gguf("Q3_K_M").is_file()
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+
+def test_bad_inputs_fail_cleanly(stories, stories_imatrix, tmp_path, tiny_llama_gqa):
+    from xvq.convert import convert
+    model, _ = stories
+    out = tmp_path / "out"
+    out.mkdir()
+    junk = tmp_path / "weights.gguf"
+    junk.write_bytes(b"not a gguf at all")
+    with pytest.raises(XvqError, match="not a GGUF file"):
+        quantize(junk, ["Q4_K_M"], imatrix="none", outdir=out, progress=False)
+    # a source already quantized at or below the asked type
+    q4 = quantize_file(model, tmp_path / "q4.gguf", "Q4_K_M", n_threads=THREADS, progress=False)
+    with pytest.raises(XvqError, match="already quantized"):
+        quantize(q4, ["Q8_0"], imatrix="none", outdir=out, progress=False)
+    # an imatrix measured on another model
+    other = tmp_path / "other-f32.gguf"
+    convert(tiny_llama_gqa, other, "f32", progress=False)
+    with pytest.raises(XvqError, match="another model"):
+        quantize(other, ["Q4_K_M"], imatrix=stories_imatrix, outdir=out, progress=False)
+    # IQ2 without an importance matrix, as llama.cpp refuses
+    with pytest.raises(XvqError, match="requires an importance matrix"):
+        quantize(model, ["IQ2_XXS"], imatrix="none", outdir=out, progress=False)
+    with pytest.raises(XvqError, match="--outfile names one file"):
+        quantize(model, ["Q4_K_M", "Q8_0"], imatrix="none", outfile=out / "x.gguf", progress=False)
+    assert leftovers(out) == []
+    # the CLI turns these into one line and exit status 1
+    from xvq.cli import main
+    r = CliRunner().invoke(main, ["quantize", "gguf", str(junk), "--type", "q4_k_m", "--outdir", str(out)])
+    assert r.exit_code == 1 and "not a GGUF file" in r.output and leftovers(out) == []
+
+
+def test_requantize_from_q8_0_is_allowed_downwards(stories, tmp_path):
+    """Q8_0 → Q4_K_M is what llama-quantize --allow-requantize does; same bytes."""
+    model, _ = stories
+    q8 = quantize_file(model, tmp_path / "q8.gguf", "Q8_0", n_threads=THREADS, progress=False)
+    ours = quantize_file(q8, tmp_path / "q4.gguf", "Q4_K_M", n_threads=THREADS, progress=False)
+    ref = tmp_path / "ref.gguf"
+    subprocess.run([str(anchor("llama-quantize")), "--allow-requantize", str(q8), str(ref), "Q4_K_M", str(THREADS)],
+                   check=True, capture_output=True)
+    assert tensors_of(ours) == tensors_of(ref)

@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+class BuildUnlessSubcommand(click.Group):
+    """`xvq release MODEL_DIR` builds; `xvq release verify DIR` checks a package."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
+            args = ["build", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group("release", cls=BuildUnlessSubcommand)
+def release_cmd():
+    """Build, validate and package every artifact of a model (or `verify` a package)."""
+
+
+@release_cmd.command("build")
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--name", default=None, help="Model name (default: the folder's name).")
+@click.option("--out-root", "--outdir", "out_root", type=click.Path(path_type=Path), default=None,
+              help="Layout root (default: out).")
+@click.option("--gguf-type", "gguf_types", multiple=True, help="GGUF types (default: XVERSE's released set).")
+@click.option("--gptq-bits", "gptq_bits", multiple=True, type=int, help="GPTQ bits (default: 4 and 8); 0 = none.")
+@click.option("--split-max-size", default="48G", show_default=True, help="Split GGUFs larger than this.")
+@click.option("--max-tokens", type=int, default=None, help="Cap the validation text (tokens).")
+@click.option("--force", is_flag=True, help="Redo every step.")
+@click.option("--allow-partial", is_flag=True, help="Exit 0 even when the gate left artifacts out.")
+def build_cmd(model_dir, name, out_root, gguf_types, gptq_bits, split_max_size, max_tokens, force, allow_partial):
+    """Build → validate → package MODEL_DIR into out/<name>/release/."""
+    from xvq.errors import XvqError
+    from xvq.release.pipeline import DEFAULT_GGUF_TYPES, DEFAULT_GPTQ_BITS, release
+    bits = [b for b in (gptq_bits or DEFAULT_GPTQ_BITS) if b]
+    options = {"max_tokens": max_tokens} if max_tokens else {}
+    r = release(model_dir, name=name, out_root=out_root, gguf_types=gguf_types or DEFAULT_GGUF_TYPES,
+                gptq_bits=bits, force=force, split_max_size=split_max_size, validate_options=options,
+                log=click.echo)
+    click.echo(f"steps run: {', '.join(r.ran) or 'none'}; up to date: {', '.join(r.skipped) or 'none'}")
+    click.echo(f"released ({len(r.included)}):")
+    for p in r.included:
+        click.echo(f"  {p}")
+    for item in r.left_out:
+        m = item["metrics"]
+        click.echo(f"  LEFT OUT {item['path']}: {'; '.join(item['reasons'])} "
+                   f"(ppl ratio {m.get('ppl_ratio')}, KLD {m.get('kld_mean')})")
+    click.echo(f"package: {r.package}")
+    if r.left_out and not allow_partial:
+        raise XvqError(f"{len(r.left_out)} artifact(s) failed the validation gate and were left out of "
+                       f"{r.package}; see the summary above, or pass --allow-partial")
+
+
+@release_cmd.command("verify")
+@click.argument("package_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--no-load", is_flag=True, help="Only check the sums.")
+def verify_cmd(package_dir, no_load):
+    """Check SHA256SUMS and that every GGUF loads in llama.cpp."""
+    from xvq.errors import XvqError
+    from xvq.release.package import verify
+    problems = verify(package_dir, load=not no_load)
+    for p in problems:
+        click.echo(f"FAIL {p}")
+    if problems:
+        raise XvqError(f"{package_dir}: {len(problems)} problem(s); rebuild with `xvq release --force`")
+    click.echo(f"{package_dir}: all sums match" + ("" if no_load else ", every GGUF loads"))

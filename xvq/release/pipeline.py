@@ -1,0 +1,202 @@
+"""`xvq release`: convert → imatrix → GGUF types → GPTQ → validate → package, each step skipped
+when its inputs and options are unchanged (stamps), so a rerun resumes after a failure and does
+almost nothing after a success."""
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from xvq.checkpoint import read_config
+from xvq.errors import XvqError
+from xvq.fsio import atomic_output
+from xvq.layout import Layout, quant_tag
+from xvq.models import family_for
+from xvq.release import card, package
+from xvq.release.fit import fit_table, gguf_shapes, memory_needed
+from xvq.release.stamps import Stamps, fingerprint, sha256_file
+
+# XVERSE's own released GGUF set, and its GPTQ Int4/Int8.
+DEFAULT_GGUF_TYPES = ("Q2_K", "Q3_K_M", "Q4_0", "Q4_K_M", "Q5_0", "Q5_K_M", "Q6_K", "Q8_0")
+DEFAULT_GPTQ_BITS = (4, 8)
+DEFAULT_SPLIT = "48G"  # Hugging Face refuses single files over 50 GB
+
+
+@dataclass
+class ReleaseResult:
+    package: Path
+    included: list[str] = field(default_factory=list)
+    left_out: list[dict] = field(default_factory=list)
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def tool_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+    out = {"python": platform.python_version()}
+    for dist in ("xvq", "llama-cpp-python", "gguf", "transformers", "torch", "gptqmodel"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def model_hash(model_dir: Path) -> str:
+    """sha256 over the checkpoint's weight files' own sha256s (cached beside the stamps by fingerprint)."""
+    from xvq.checkpoint import weight_files
+    import hashlib
+    h = hashlib.sha256()
+    for f in weight_files(model_dir):
+        h.update(f"{f.name}:{sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
+def build_ggufs(model_dir: Path, layout: Layout, types: list[str], stamps: Stamps, src_fp, log) -> list[Path]:
+    from xvq.convert import convert
+    from xvq.quantize.gguf import calibration, default_uses_imatrix, parse_type, quantize
+    from xvq.quantize.imatrix import compute_imatrix
+    f16 = layout.gguf("f16")
+    stamps.run("convert", {"model": src_fp}, [f16],
+               lambda: convert(model_dir, f16, "f16", name=layout.name))
+    qts = [parse_type(t) for t in types]
+    imat = layout.imatrix()
+    needs_imatrix = any(default_uses_imatrix(q) or q.needs_imatrix for q in qts)
+
+    def measure_imatrix():
+        calib = calibration(tokenizer_dir=model_dir)
+        im = compute_imatrix(f16, calib.text, dataset=calib.dataset)
+        im.save(imat)
+    if needs_imatrix:
+        stamps.run("imatrix", {"gguf": fingerprint([f16])}, [imat], measure_imatrix)
+    outs = []
+    for q in qts:
+        out = layout.gguf(q.name)
+        use = imat if needs_imatrix and (default_uses_imatrix(q) or q.needs_imatrix) else "none"
+        inputs = {"gguf": fingerprint([f16]), "imatrix": fingerprint([imat]) if use != "none" else None, "type": q.name}
+        stamps.run(f"gguf-{quant_tag(q.name)}", inputs, [out],
+                   lambda q=q, use=use: quantize(f16, [q.name], imatrix=use, name=layout.name,
+                                                 out_root=layout.root, log=log))
+        outs.append(out)
+    return outs
+
+
+def build_gptqs(model_dir: Path, layout: Layout, bits: list[int], stamps: Stamps, src_fp) -> list[Path]:
+    if not bits:
+        return []
+    from xvq.quantize.gptq import GptqSettings, quantize_gptq
+    outs = []
+    for b in bits:
+        out = layout.gptq(b)
+        settings = GptqSettings(bits=b)
+        stamps.run(f"gptq-int{b}", {"model": src_fp, "settings": settings.__dict__}, [out],
+                   lambda out=out, settings=settings: quantize_gptq(model_dir, out, settings))
+        outs.append(out)
+    return outs
+
+
+def run_validate(model_dir: Path, layout: Layout, artifacts: list[Path], stamps: Stamps, src_fp, options: dict) -> dict:
+    from xvq.validate import load_report, validate
+    report_json = layout.validate_dir / "report.json"
+    inputs = {"model": src_fp, "artifacts": fingerprint(artifacts), "options": options}
+    stamps.run("validate", inputs, [report_json],
+               lambda: validate(model_dir, artifacts, report_dir=layout.validate_dir, **options))
+    return load_report(report_json)
+
+
+def split_report(data: dict, keep: list[str]) -> dict:
+    """The report limited to some artifacts (one card per artifact family)."""
+    return data | {"artifacts": [a for a in data["artifacts"] if a["path"] in keep]}
+
+
+def build_package(model_dir: Path, layout: Layout, data: dict, ggufs: list[Path], gptqs: list[Path],
+                  split_bytes: int, src_hash: str, log) -> tuple[Path, list[str], list[dict]]:
+    from xvq.validate.report import markdown
+    fam = family_for(read_config(model_dir))
+    base_model = read_config(model_dir).get("_name_or_path") or f"xverse/{layout.name}"
+    entries = {a["path"]: a for a in data["artifacts"]}
+    passed = [p for p in ggufs + gptqs if entries.get(str(p), {}).get("passed")]
+    left_out = [{"path": str(p), "reasons": entries.get(str(p), {}).get("reasons", ["not validated"]),
+                 "metrics": {k: entries.get(str(p), {}).get(k) for k in ("perplexity", "ppl_ratio", "kld_mean", "top1_agreement")}}
+                for p in ggufs + gptqs if p not in passed]
+    plot = layout.validate_dir / "report.png"
+    with atomic_output(layout.release_dir, is_dir=True) as root:
+        gguf_dir = root / f"{layout.name}-GGUF"
+        kept_ggufs = [p for p in ggufs if p in passed]
+        if kept_ggufs:
+            placed = [f for p in kept_ggufs for f in package.place_gguf(p, gguf_dir, split_bytes)]
+            first = [f for f in placed if "-of-" not in f.name or "-00001-of-" in f.name]
+            if plot.is_file():
+                shutil.copy(plot, gguf_dir / "report.png")
+            best = max(kept_ggufs, key=lambda p: p.stat().st_size if "q4_k_m" not in p.name else 1e30)
+            (gguf_dir / "Modelfile").write_text(card.modelfile(fam, next(f.name for f in first if f.name.startswith(best.stem))))
+            table = markdown(split_report(data, [str(p) for p in kept_ggufs]))
+            (gguf_dir / "README.md").write_text(card.gguf_card(fam, layout.name, base_model, first, table,
+                                                               "report.png" if plot.is_file() else None, best.name),
+                                                encoding="utf-8")
+        for g in (p for p in gptqs if p in passed):
+            dst = root / g.name
+            package.copy_tree(g, dst)
+            if plot.is_file():
+                shutil.copy(plot, dst / "report.png")
+            bits = int(g.name.rsplit("Int", 1)[-1])
+            (dst / "README.md").write_text(card.gptq_card(fam, layout.name, base_model, g, bits,
+                                                          markdown(split_report(data, [str(g)])),
+                                                          "report.png" if plot.is_file() else None), encoding="utf-8")
+        package.write_sums(root)
+        package.write_manifest(root, manifest_meta(model_dir, layout, data, src_hash, left_out))
+    log(f"package: {layout.release_dir}")
+    return layout.release_dir, [str(p) for p in passed], left_out
+
+
+def manifest_meta(model_dir: Path, layout: Layout, data: dict, src_hash: str, left_out: list[dict]) -> dict:
+    imat = layout.imatrix()
+    imatrix = None
+    if imat.is_file():
+        from xvq.quantize.imatrix import Imatrix
+        im = Imatrix.load(imat)
+        imatrix = {"file": imat.name, "sha256": sha256_file(imat), "dataset": getattr(im, "dataset", None),
+                   "chunks": getattr(im, "chunk_count", None), "entries": len(im)}
+    fits = {}
+    for p in sorted(layout.gguf_dir.glob("*.gguf")):
+        if p.name.startswith("."):
+            continue
+        fits[p.name] = fit_table(p)
+    return {"schema_version": 1, "name": layout.name, "source_model": {"path": model_dir.name, "sha256": src_hash},
+            "tool_versions": tool_versions(), "calibration": data.get("settings", {}).get("text"),
+            "imatrix": imatrix, "validate_report": "report.json schema v%s" % data.get("schema_version"),
+            "left_out": left_out, "laptop_fit": fits}
+
+
+def release(model_dir: Path | str, *, name: str | None = None, out_root: Path | str | None = None,
+            gguf_types=DEFAULT_GGUF_TYPES, gptq_bits=DEFAULT_GPTQ_BITS, force: bool = False,
+            split_max_size: str = DEFAULT_SPLIT, validate_options: dict | None = None, log=print) -> ReleaseResult:
+    from xvq.convert.writer import parse_size
+    model_dir = Path(model_dir)
+    config = read_config(model_dir)
+    family_for(config, str(model_dir / "config.json"))  # fail early on an unsupported model
+    layout = Layout.for_model(model_dir, name, out_root)
+    stamps = Stamps(layout.base / ".stamps", force)
+    src_fp = fingerprint([f for f in model_dir.iterdir() if f.is_file()])
+    ggufs = build_ggufs(model_dir, layout, list(gguf_types), stamps, src_fp, log)
+    gptqs = build_gptqs(model_dir, layout, list(gptq_bits), stamps, src_fp)
+    options = validate_options or {}
+    data = run_validate(model_dir, layout, ggufs + gptqs, stamps, src_fp, options)
+    result = ReleaseResult(layout.release_dir)
+
+    def pack():
+        nonlocal result
+        src_hash = model_hash(model_dir)
+        root, included, left_out = build_package(model_dir, layout, data, ggufs, gptqs,
+                                                 parse_size(split_max_size), src_hash, log)
+        (layout.base / ".stamps").mkdir(parents=True, exist_ok=True)
+        (layout.base / ".stamps" / "package-result.json").write_text(json.dumps({"included": included, "left_out": left_out}))
+    stamps.run("package", {"report": fingerprint([layout.validate_dir / "report.json"]),
+                           "artifacts": fingerprint(ggufs + gptqs), "split": split_max_size},
+               [layout.release_dir / package.SUMS], pack)
+    saved = json.loads((layout.base / ".stamps" / "package-result.json").read_text())
+    result.included, result.left_out = saved["included"], saved["left_out"]
+    result.ran, result.skipped = stamps.ran, stamps.skipped
+    return result
