@@ -68,8 +68,10 @@ def structured_checkpoint(folder: Path, family: str, tokenizer_dir: Path, *, see
     for f in tokenizer_dir.iterdir():
         if f.is_file():
             shutil.copy(f, folder / f.name)
-    n_tok = len(json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"])
-    extra = {"bos_token_id": 2, "eos_token_id": 3} if family == "llama" else {}
+    n_tok = tokenizer_entries(folder)
+    spm = not (folder / "tokenizer.json").exists()
+    extra = ({"bos_token_id": 1, "eos_token_id": 2} if spm else {"bos_token_id": 2, "eos_token_id": 3}) \
+        if family == "llama" else {}
     cfg = tiny_config(family, vocab_size=n_tok + (37 if family == "xverse" else 0), intermediate_size=768,
                       **extra) | config
     model = make_checkpoint(folder, cfg, seed=seed, dtype="float32", fmt=fmt)
@@ -94,6 +96,13 @@ def structured_checkpoint(folder: Path, family: str, tokenizer_dir: Path, *, see
     return folder
 
 
+def tokenizer_entries(folder: Path) -> int:
+    if (folder / "tokenizer.json").exists():
+        return len(json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"])
+    import sentencepiece as spm
+    return spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model")).get_piece_size()
+
+
 def tokenizer_for_bench(folder: Path) -> Path:
     from xvq.synth import save_xverse_tokenizer, xverse_style_tokenizer
     if not (folder / "tokenizer.json").exists():
@@ -112,7 +121,7 @@ def corpus_texts(heldout: bool) -> list[str]:
     for f in files:
         text = f.read_text(encoding="utf-8", errors="replace")[:400_000]
         half = text[len(text) // 2:] if heldout else text[:len(text) // 2]
-        paras = [p.strip() for p in half.split("\n\n") if len(p.strip()) > 200]
+        paras = [p.strip()[:4000] for p in half.split("\n\n") if len(p.strip()) > 200]
         out += paras[:40]
     return out
 

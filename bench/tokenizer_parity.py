@@ -65,27 +65,75 @@ def variants(tok_dir: Path) -> dict[str, V.Vocab | tuple]:
     ranked.scores = merge_rank_scores(ranked, tj)
     out["scores = merge rank"] = ranked
     out["merge rank + unreachable renamed (xvq)"] = final
+    typed = copy.deepcopy(plain)  # the other ways to say "never form this": type and score
+    typed.scores = merge_rank_scores(typed, tj)
+    for i in final.renamed:
+        typed.types[i], typed.scores[i] = gguf.TokenType.UNUSED, -1e9
+    out["merge rank + unreachable typed UNUSED, score -1e9 (not renamed)"] = typed
     out["gpt2 BPE, raw UTF-8 merges (pre gemma4)"] = ("gemma4", tj)
+    out["gpt2 BPE, vocab re-encoded to GPT-2 bytes (pre chameleon)"] = ("chameleon", tj)
     return out
 
 
+def gpt2_bytes() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (what llama.cpp's byte-level BPE expects)."""
+    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def byte_level(tokens: list[str], pairs: list[tuple[str, str]], types: list[int]):
+    """Re-encode a `▁` vocabulary for llama.cpp's byte-level BPE: `▁` -> space -> `Ġ`, every
+    character to its UTF-8 bytes; merges that first rebuild each multi-byte character, then the
+    tokenizer's own. Byte tokens keep `<0xNN>` text where the byte's character is a token already."""
+    table = gpt2_bytes()
+
+    def enc(t: str) -> str:
+        return "".join(table[b] for b in t.replace("\u2581", " ").encode("utf-8"))
+    out = [t if ty in (gguf.TokenType.CONTROL, gguf.TokenType.BYTE) else enc(t) for t, ty in zip(tokens, types)]
+    taken = set(out)
+    for i, (t, ty) in enumerate(zip(tokens, types)):
+        if ty == gguf.TokenType.BYTE and table[int(t[3:5], 16)] not in taken:
+            out[i] = table[int(t[3:5], 16)]  # llama.cpp's byte-level fallback looks bytes up so
+    char_merges, done = [], set()
+    for t, ty in zip(tokens, types):
+        if ty == gguf.TokenType.NORMAL and len(t) == 1:
+            e = enc(t)
+            for k in range(2, len(e) + 1):
+                if e[:k] not in done:
+                    done.add(e[:k])
+                    char_merges.append(f"{e[:k - 1]} {e[k - 1]}")
+    return out, char_merges + [f"{enc(a)} {enc(b)}" for a, b in pairs]
+
+
 def write_bpe_gguf(path: Path, tj: dict, pre: str) -> None:
-    """llama.cpp's BPE tokenizer over the same tokens, with the merge list; the pre-type decides
-    the splitting regex (gemma4: `▁`-escaped raw UTF-8, lines only)."""
+    """llama.cpp's BPE tokenizer over the same ids, with the merge list; the pre-type decides the
+    splitting regex (gemma4: `▁`-escaped raw UTF-8, lines only; chameleon: digits and
+    punctuation isolated, GPT-2 words, byte-level)."""
     vocab = tj["model"]["vocab"]
     added = {a["id"]: a for a in tj["added_tokens"]}
     n = max(vocab.values()) + 1
     tokens = [""] * n
     for t, i in vocab.items():
         tokens[i] = t
-    types = [gguf.TokenType.CONTROL if i in added else gguf.TokenType.BYTE if V._is_byte_token(t)
+    types = [gguf.TokenType.BYTE if V._is_byte_token(t) else gguf.TokenType.CONTROL if i in added
              else gguf.TokenType.NORMAL for i, t in enumerate(tokens)]
+    pairs = V._merge_pairs(tj["model"]["merges"])
+    merges = [f"{a} {b}" for a, b in pairs]
+    if pre != "gemma4":
+        tokens, merges = byte_level(tokens, pairs, types)
+        types = [gguf.TokenType.NORMAL if t == gguf.TokenType.BYTE else t for t in types]
     w = V.vocab_only_writer(path, n)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_types(types)
-    w.add_token_merges([f"{a} {b}" for a, b in V._merge_pairs(tj["model"]["merges"])])
+    w.add_token_merges(merges)
     w.add_bos_token_id(2)
     w.add_eos_token_id(3)
     w.add_add_bos_token(False)

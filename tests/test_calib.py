@@ -238,6 +238,25 @@ def test_token_counts_match_shared_xverse_style_tokenizer():
         assert 1 / 1.6 < ratio < 1.6, (lang, ratio)
 
 
+def test_sentencepiece_only_tokenizer_folder(tmp_path):
+    """A folder with tokenizer.model and no tokenizer.json (Ziya, older LLaMA exports) is read
+    through transformers; its counts agree with SentencePiece itself up to the known
+    normalisation differences of the converted tokenizer (NFKC, newlines)."""
+    import sentencepiece as spm
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(list(corpus_texts())), model_prefix=str(tmp_path / "tokenizer"), vocab_size=3000,
+        model_type="bpe", byte_fallback=True, character_coverage=0.9995, minloglevel=2)
+    (tmp_path / "tokenizer.vocab").unlink()
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    s = sample(4000, seed=1, tokenizer_dir=tmp_path)
+    assert s.counter == tmp_path.name and 3800 < s.total_tokens <= 4000
+    reference = sum(len(sp.encode(r["text"])) for r in s.records)
+    assert abs(s.total_tokens - reference) < 0.06 * reference
+    ascii_lines = [r for r in s.records if r["text"].isascii() and "\n" not in r["text"]]
+    assert ascii_lines and all(r["tokens"] == len(sp.encode(r["text"])) for r in ascii_lines)
+
+
 def test_estimate_by_hand():
     from xvq.calib_data import estimate_tokens
     # 2 CJK chars -> 2; 8 ASCII letters -> 2; 2 accented letters -> 1; spaces free

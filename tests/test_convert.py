@@ -161,7 +161,8 @@ def parity_cache(tmp_path_factory):
 def test_f32_logits_match_transformers(fixture, parity_cache, request):
     ref, got = parity_cache(request.getfixturevalue(fixture), "f32")
     assert ref.shape[0] >= 64
-    assert rel_max_diff(ref, got) <= 1e-3
+    # the issue's bar is 1e-3 of the range; with llama.cpp's KV cache in f32 it is ~1e-6 here
+    assert rel_max_diff(ref, got) <= 1e-5
 
 
 @pytest.mark.parametrize("fixture", ["tiny_xverse", "tiny_llama_gqa"])
@@ -179,9 +180,31 @@ def test_q8_0_kld_small(fixture, parity_cache, request):
 def test_trained_stories260k_logits_match_transformers(tmp_path):
     model = shared("stories260K-hf")
     ids = token_ids(512, 100, seed=1)
-    f = convert(model, tmp_path / "s.gguf", "f32", progress=False)[0]
     ref = hf_logits(model, ids)
-    assert rel_max_diff(ref, gguf_logits(f, ids)) <= 1e-3
+    f32 = convert(model, tmp_path / "s32.gguf", "f32", progress=False)[0]
+    f16 = convert(model, tmp_path / "s16.gguf", "f16", progress=False)[0]
+    assert rel_max_diff(ref, gguf_logits(f32, ids)) <= 1e-5
+    assert rel_max_diff(ref, gguf_logits(f16, ids)) <= 1e-2
+
+
+def test_q8_0_is_llama_quantize_q8_0(tiny_llama_gqa, tmp_path):
+    """xvq's q8_0 file holds the very bytes llama.cpp's llama-quantize makes from the f32 file."""
+    from xvq import anchors
+    if not anchors.available():
+        pytest.skip("llama.cpp tools not built (python -m xvq.anchors build)")
+    f32 = convert(tiny_llama_gqa, tmp_path / "m-f32.gguf", "f32", progress=False)[0]
+    ours = convert(tiny_llama_gqa, tmp_path / "m-q8_0.gguf", "q8_0", progress=False)[0]
+    theirs = tmp_path / "llama-quantize-q8_0.gguf"
+    proc = anchors.run_tool("llama-quantize", f32, theirs, "Q8_0", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a = {t.name: t for t in gguf.GGUFReader(ours).tensors}
+    b = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
+    assert sorted(a) == sorted(b)
+    # ffn_down rows are 688 wide, not a multiple of 32: both fall back to F16 there
+    assert sum(t.tensor_type == gguf.GGMLQuantizationType.Q8_0 for t in a.values()) == 6 * 2 + 2
+    for name in a:
+        assert a[name].tensor_type == b[name].tensor_type, name
+        np.testing.assert_array_equal(a[name].data, b[name].data, err_msg=name)
 
 
 def test_wrong_rope_permutation_is_caught(tiny_llama_gqa, tmp_path, monkeypatch, parity_cache):
@@ -324,7 +347,8 @@ def test_padded_vocab_rows_become_unused_tokens(tiny_xverse, parity_cache, tmp_p
     types = kv(r, "tokenizer.ggml.token_type")
     assert len(tokens) == cfg["vocab_size"]
     assert all(t == gguf.TokenType.UNUSED for t in types[n_tok:])
-    assert all(t != gguf.TokenType.UNUSED for t in types[:n_tok])
+    # the tokenizer's own entries stay tokens (a few unreachable BPE pieces may be marked unused)
+    assert sum(t == gguf.TokenType.UNUSED for t in types[:n_tok]) < 0.02 * n_tok
     assert len(set(tokens)) == len(tokens)
 
 

@@ -243,3 +243,53 @@ def test_interrupt_leaves_nothing(model, tmp_path, monkeypatch):
     res = run_convert(model, tmp_path / "out")
     assert res.exit_code != 0
     assert_nothing_written(tmp_path / "out")
+
+
+def test_corrupt_safetensors_header(st_model, tmp_path):
+    shard = st_model / "model-00001-of-00002.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[8:12] = b"\xff\xfe{["  # not JSON any more, length unchanged
+    shard.write_bytes(bytes(data))
+    msg = error_line(run_convert(st_model, tmp_path / "out"))
+    assert "model-00001-of-00002.safetensors" in msg and "header" in msg
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_safetensors_shape_disagrees_with_its_data(st_model, tmp_path):
+    """A header whose shape does not match the byte range it gives (hand-edited or corrupt)."""
+    shard = st_model / "model-00001-of-00002.safetensors"
+    data = shard.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    name = next(k for k, v in header.items() if k != "__metadata__" and len(v["shape"]) == 2)
+    rows, cols = header[name]["shape"]
+    header[name]["shape"] = [rows // 2, cols]
+    blob = json.dumps(header, separators=(",", ":")).encode().ljust(n)
+    assert len(blob) == n
+    shard.write_bytes(data[:8] + blob + data[8 + n:])
+    msg = error_line(run_convert(st_model, tmp_path / "out"))
+    assert "model-00001-of-00002.safetensors" in msg and name in msg
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_config_missing_a_required_field(model, tmp_path):
+    cfg = json.loads((model / "config.json").read_text())
+    del cfg["num_attention_heads"]
+    (model / "config.json").write_text(json.dumps(cfg))
+    msg = error_line(run_convert(model, tmp_path / "out"))
+    assert "config.json" in msg and "num_attention_heads" in msg
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_resplitting_replaces_the_earlier_files(model, tmp_path):
+    """Converting again with another split leaves only the new file(s): no stale shard that a
+    loader would pick up as a second model."""
+    out = tmp_path / "out"
+    assert run_convert(model, out, "--split-max-size", "1M").exit_code == 0
+    shards = sorted(p.name for p in out.iterdir())
+    assert len(shards) > 1 and all("-of-" in s for s in shards)
+    (out / "other-model.gguf").write_text("not ours")
+    assert run_convert(model, out).exit_code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["model.gguf", "other-model.gguf"]
+    assert run_convert(model, out, "--split-max-size", "1M").exit_code == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(shards + ["other-model.gguf"])

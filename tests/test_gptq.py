@@ -20,7 +20,7 @@ pytest.importorskip("gptqmodel")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.gptq import (corpus_texts, dequantized_gptq_model, eval_batches, kl_and_ppl,  # noqa: E402
+from bench.gptq import (CALIB_TEXT, HELDOUT_TEXT, corpus_texts, dequantized_gptq_model, eval_batches, kl_and_ppl,  # noqa: E402
                         loaded_gptq_model, log_probs, rtn_dequant, rtn_model, source_model, structured_checkpoint,
                         unpack_rows)
 from xvq.errors import XvqError  # noqa: E402
@@ -103,6 +103,7 @@ def test_xverse_int4_folder(xverse_src, xverse_int4):
     assert cfg["auto_map"] == src_cfg["auto_map"]
     assert {k: v for k, v in cfg.items() if k not in ("quantization_config", "torch_dtype")} == \
         {k: v for k, v in src_cfg.items() if k != "torch_dtype"}
+    assert cfg["torch_dtype"] == "float16"
     q = cfg["quantization_config"]
     assert (q["quant_method"], q["bits"], q["group_size"], q["desc_act"], q["sym"]) == ("gptq", 4, 128, True, True)
     assert q["checkpoint_format"] == "gptq" and q["meta"]["static_groups"] and q["meta"]["true_sequential"]
@@ -112,6 +113,12 @@ def test_xverse_int4_folder(xverse_src, xverse_int4):
     shards = sorted(xverse_int4.glob("*.safetensors"))
     index = json.loads((xverse_int4 / "model.safetensors.index.json").read_text())
     assert len(shards) > 1 and set(index["weight_map"].values()) == {s.name for s in shards}
+    from safetensors import safe_open
+    dtypes = set()
+    for s in shards:
+        with safe_open(str(s), "pt") as f:
+            dtypes |= {f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes == {"F16", "I32"}
     for f in xverse_int4.iterdir():
         text = f.read_text(errors="replace") if f.suffix in (".json", ".csv") else ""
         assert "/tmp" not in text and str(xverse_src) not in text and "xvq-gptq-" not in text, f.name
@@ -120,12 +127,25 @@ def test_xverse_int4_folder(xverse_src, xverse_int4):
 
 # ---------------------------------------------------------------- LLaMA 8-bit through the CLI
 
-def test_llama_int8_cli_layout(tmp_path, xverse_tokenizer_dir, monkeypatch):
+@pytest.fixture(scope="module")
+def spm_tokenizer_dir(tmp_path_factory) -> Path:
+    """LLaMA / Ziya style: tokenizer.model (SentencePiece) only, no tokenizer.json."""
+    from tests.test_delta import train_llama_spm, write_llama_tokenizer
+    d = tmp_path_factory.mktemp("spm-tok")
+    write_llama_tokenizer(d, train_llama_spm(d / "sp", (CALIB_TEXT + HELDOUT_TEXT) * 20, vocab_size=800))
+    (d / "sp.model").unlink()
+    (d / "sp.vocab").unlink(missing_ok=True)
+    return d
+
+
+def test_llama_spm_int8_cli_layout(tmp_path, spm_tokenizer_dir, monkeypatch):
+    """LLaMA with a SentencePiece vocabulary (Ziya's kind) through `xvq quantize gptq` and the layout."""
     from click.testing import CliRunner
+    from transformers import AutoTokenizer
 
     import xvq.quantize.gptq as gptq
     from xvq.cli import main
-    src = structured_checkpoint(tmp_path / "tiny-llama", "llama", xverse_tokenizer_dir, num_key_value_heads=2)
+    src = structured_checkpoint(tmp_path / "tiny-llama", "llama", spm_tokenizer_dir, num_key_value_heads=2)
     try:
         import xvq.calib_data  # noqa: F401
     except ImportError:   # until the calibration set exists: the same literal text the tests use
@@ -135,6 +155,10 @@ def test_llama_int8_cli_layout(tmp_path, xverse_tokenizer_dir, monkeypatch):
     assert res.exit_code == 0, res.output + repr(res.exception)
     out = tmp_path / "out" / "tiny-llama" / "gptq" / "tiny-llama-GPTQ-Int8"
     assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert (out / "tokenizer.model").read_bytes() == (src / "tokenizer.model").read_bytes()
+    assert not (out / "tokenizer.json").exists()
+    text = corpus_texts(heldout=True)[0][:300]
+    assert AutoTokenizer.from_pretrained(out)(text).input_ids == AutoTokenizer.from_pretrained(src)(text).input_ids
     batches = eval_batches(src, corpus_texts(heldout=True), seq_len=128, n_seqs=8)
     ref = log_probs(source_model(src), batches)
     r = kl_and_ppl(ref, log_probs(loaded_gptq_model(out), batches), batches)

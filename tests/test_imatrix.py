@@ -9,7 +9,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import FALLBACK_TEXT, shared
+from tests.conftest import FALLBACK_TEXT, shared
 from xvq import anchors
 from xvq.errors import XvqError
 from xvq.quantize.imatrix import Imatrix, compute_imatrix

@@ -8,7 +8,7 @@ import json
 import gguf
 import pytest
 
-from conftest import FALLBACK_TEXT, shared
+from tests.conftest import FALLBACK_TEXT, shared
 from xvq.convert.vocab import read_vocab, write_vocab_only_gguf
 from xvq.errors import XvqError
 from xvq.validate.tokparity import compare_tokenization, corpus_chunks, llama_tokenizer, parity_sample
@@ -47,6 +47,15 @@ def test_xverse_style_residual_is_only_the_first_token(xverse_tokenizer_dir, tmp
     r = compare_tokenization(path, xverse_tokenizer_dir, [t, "x " + t])
     assert r.n_equal == 1 and r.diffs[0].text_index == 0 and r.diffs[0].position == 0
     assert r.diffs[0].hf_pieces[0] == starts[0] and r.diffs[0].llama_pieces[:2] == ["\u2581", starts[0][1:]]
+
+
+def test_xverse_style_residual_leading_space(xverse_tokenizer_dir, tmp_path):
+    """Documented residual B: HF's `prepend_scheme: first` adds no `▁` to a text that starts with
+    a space; llama.cpp always adds one, so it gives one extra `▁` token first."""
+    path, _ = xverse_gguf(xverse_tokenizer_dir, tmp_path)
+    r = compare_tokenization(path, xverse_tokenizer_dir, [" the end", "the end"])
+    assert r.n_equal == 1 and r.diffs[0].text_index == 0 and r.diffs[0].position == 0
+    assert r.diffs[0].llama_pieces[0] == "\u2581" and r.diffs[0].llama_ids[1:] == r.diffs[0].hf_ids[:3]
 
 
 def test_padding_specials_and_add_bos(xverse_tokenizer_dir, tmp_path):
@@ -126,6 +135,7 @@ def test_sentencepiece_user_defined_without_merge_path_is_reported(tmp_path):
     assert any("no merge path" in n for n in v.notes)
 
 
+@pytest.mark.shared
 def test_llama_tokenizer_json_only_stories260k(tmp_path):
     d = shared("stories260K-hf")
     path = write_vocab_only_gguf(tmp_path / "v.gguf", d)
@@ -139,6 +149,7 @@ def test_llama_tokenizer_json_only_stories260k(tmp_path):
 
 # --- the 100,257-entry XVERSE-style tokenizer, padded to XVERSE's 100,534 rows ---------------------
 
+@pytest.mark.shared
 def test_full_xverse_vocab_on_259_corpus_chunks(tmp_path):
     d = shared("xverse-style-tokenizer")
     texts = corpus_chunks(list(shared("corpus").glob("*/*.txt")), 259)

@@ -101,7 +101,12 @@ def safetensors_tensors(path: Path) -> dict[str, SourceTensor]:
         (n,) = struct.unpack("<Q", head)
         if n > size - 8:
             raise XvqError(f"{path}: truncated safetensors file (header past end); download it again")
-        header = json.loads(f.read(n))
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise XvqError(f"{path}: corrupt safetensors header ({type(e).__name__}); download it again") from e
+    if not isinstance(header, dict):
+        raise XvqError(f"{path}: corrupt safetensors header (not a mapping); download it again")
     header.pop("__metadata__", None)
     data_start = 8 + n
     out = {}
@@ -116,6 +121,9 @@ def safetensors_tensors(path: Path) -> dict[str, SourceTensor]:
         shape = tuple(info["shape"])
         cols = shape[-1] if shape else 1
         count = (end - begin) // np.dtype(dtype).itemsize
+        if count != int(np.prod(shape)):
+            raise XvqError(f"{path}: corrupt (tensor {name} holds {count} values, its shape {list(shape)} needs "
+                           f"{int(np.prod(shape))}); download it again")
         flat = np.memmap(path, dtype=dtype, mode="r", offset=data_start + begin, shape=(count,)) if count else np.zeros(0, dtype)
         matrix = flat.reshape(-1, cols)
         out[name] = SourceTensor(name, shape, info["dtype"], _row_reader(matrix, info["dtype"] == "BF16"),

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import click
 import numpy as np
@@ -26,13 +27,16 @@ from xvq.errors import XvqError
 from xvq.fsio import atomic_output
 from xvq.models import SourceTensor, family_for
 
+if TYPE_CHECKING:
+    import torch
+
 # safetensors dtype name -> numpy storage dtype (bfloat16 is kept as its uint16 bits)
 STORAGE = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
 _CANONICAL = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64",
               "F32": "F32", "F16": "F16", "BF16": "BF16", "F64": "F64"}
 INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_SHARD_SIZE = "2GB"
-BLOCK_BYTES = 64 << 20
+BLOCK_BYTES = 32 << 20  # output bytes computed at once
 
 
 def st_dtype(src: SourceTensor) -> str:
@@ -44,54 +48,28 @@ def st_dtype(src: SourceTensor) -> str:
                        f"F32, F16 or BF16 weights") from None
 
 
-# --- exact dtype arithmetic (torch's rounding: round to nearest even, via float32) ---
+# --- arithmetic: torch's own kernels on storage rows, so results are the published script's bit for bit ---
 
-def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
-    return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
-def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bits exactly as torch's c10::BFloat16 rounds (RNE, NaN -> 0x7FC0)."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = ((u + (((u >> 16) & 1) + np.uint32(0x7FFF))) >> 16).astype(np.uint16)
-    return np.where(np.isnan(x), np.uint16(0x7FC0), rounded)
-
-
-def widen(block: np.ndarray, dtype: str) -> np.ndarray:
-    """Storage rows -> float32 (float64 stays float64): exact for every supported dtype."""
-    if dtype == "BF16":
-        return bf16_bits_to_f32(block)
-    return block if dtype in ("F32", "F64") else block.astype(np.float32)
+def as_torch(block: np.ndarray, dtype: str) -> "torch.Tensor":
+    """Storage rows (bfloat16 as uint16 bits) -> a torch tensor sharing their memory."""
+    import torch
+    with warnings.catch_warnings():  # read-only memory maps: nothing writes through this view
+        warnings.simplefilter("ignore", UserWarning)
+        if dtype == "BF16":
+            return torch.from_numpy(block.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(block)
 
 
-@np.errstate(over="ignore")
-def narrow(x: np.ndarray, dtype: str) -> np.ndarray:
-    """float32/64 -> storage rows of `dtype`, rounding to nearest even."""
-    if dtype == "BF16":
-        return f32_to_bf16_bits(x.astype(np.float32, copy=False))
-    return x.astype(STORAGE[dtype], copy=False)
+def as_storage(t: "torch.Tensor") -> np.ndarray:
+    import torch
+    return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
 
 
-@np.errstate(over="ignore")
-def cast(block: np.ndarray, src: str, dst: str) -> np.ndarray:
-    """torch's `t.to(dst)` on storage rows."""
-    if src == dst:
-        return block
-    if dst == "F16" and src in ("F32", "F64"):
-        return block.astype(np.float16)  # one rounding, as torch does
-    return narrow(widen(block, src), dst)
-
-
-@np.errstate(over="ignore")  # overflow to inf is the result torch gives too
-def combine(a: np.ndarray, b: np.ndarray, dtype: str, op: Callable) -> np.ndarray:
-    """`a op b` for storage rows of `dtype` with torch's result: float16/bfloat16 are computed in
-    float32 and rounded once, which equals the correctly rounded result (float32 has at least
-    2p+2 bits for both), as torch's CPU kernels do."""
-    if dtype in ("F16", "BF16"):
-        wide = widen(a, dtype)
-        wide = op(wide, widen(b, dtype), out=wide)  # in place: one float32 block less at the peak
-        return narrow(wide, dtype)
-    return op(a, b)
+def combine(first: np.ndarray, first_dtype: str, second: np.ndarray, second_dtype: str, op: str) -> np.ndarray:
+    """`first op second.to(first's dtype)` in first's dtype, exactly as torch computes it."""
+    a = as_torch(first, first_dtype)
+    b = as_torch(second, second_dtype).to(a.dtype)
+    return as_storage(a + b if op == "add" else a - b)
 
 
 # --- planning: which tensor comes from where ---
@@ -102,7 +80,7 @@ class Step:
     name: str
     first: SourceTensor          # the delta (apply) or the target (make): its dtype is the output's
     second: SourceTensor | None  # the base, when combined
-    op: Callable | None
+    op: str | None               # "add" | "sub" | None
 
     @property
     def dtype(self) -> str:
@@ -119,12 +97,12 @@ class Step:
     def blocks(self) -> Iterator[np.ndarray]:
         """The output's rows in storage dtype, a block at a time."""
         n_rows, cols = self.first.n_rows, (self.shape[-1] if self.shape else 1)
-        per = max(1, BLOCK_BYTES // max(1, cols * 4))
+        per = max(1, BLOCK_BYTES // max(1, cols * np.dtype(STORAGE[self.dtype]).itemsize))
         for start in range(0, n_rows, per):
             sel = slice(start, min(n_rows, start + per))
             out = raw(self.first, sel)
             if self.op is not None:
-                out = combine(out, cast(raw(self.second, sel), st_dtype(self.second), self.dtype), self.dtype, self.op)
+                out = combine(out, self.dtype, raw(self.second, sel), st_dtype(self.second), self.op)
             yield np.ascontiguousarray(out)
 
 
@@ -141,7 +119,7 @@ def is_vocab_tensor(shape_a, shape_b, vocab_a: int, vocab_b: int) -> bool:
             and shape_a[0] == vocab_a and shape_b[0] == vocab_b)
 
 
-def plan(outer: Checkpoint, base: Checkpoint, op: Callable, outer_role: str) -> list[Step]:
+def plan(outer: Checkpoint, base: Checkpoint, op: str, outer_role: str) -> list[Step]:
     """Pair `outer` (delta or target) with `base` tensor by tensor, checking names and shapes first,
     so a mismatch stops the run before anything is written."""
     fam = family_for(outer.config, str(outer.folder / "config.json"))
@@ -249,7 +227,7 @@ def apply_delta(base: Path | str, delta: Path | str, outdir: Path | str, *,
     """Merge `delta` onto `base` (the published procedure) into `outdir`: sharded safetensors,
     index, and the delta's config and tokenizer."""
     d, b = _open_pair(delta, base)
-    steps = plan(d, b, np.add, "delta")
+    steps = plan(d, b, "add", "delta")
     return _write_model(steps, d.folder, Path(outdir), shard_size, "delta apply")
 
 
@@ -258,7 +236,7 @@ def make_delta(base: Path | str, target: Path | str, outdir: Path | str, *,
     """The inverse: delta = target - base.to(target's dtype) for equal shapes, extended vocab
     tensors whole; the target's config and tokenizer."""
     t, b = _open_pair(target, base)
-    steps = plan(t, b, np.subtract, "target")
+    steps = plan(t, b, "sub", "target")
     return _write_model(steps, t.folder, Path(outdir), shard_size, "delta make")
 
 
@@ -274,7 +252,7 @@ def check_merge(base: Path | str, delta: Path | str, merged: Path | str) -> list
     its config and tokenizer files are the delta's. Returns what differs (empty: verified)."""
     d, b = _open_pair(delta, base)
     m = open_checkpoint(merged)
-    steps = plan(d, b, np.add, "delta")
+    steps = plan(d, b, "add", "delta")
     fam = family_for(m.config, str(m.folder / "config.json"))
     got = {n: t for n, t in m.tensors.items() if not fam.skip_tensor(n)}
     bad = [Mismatch(n, "not in base + delta") for n in sorted(got.keys() - {s.name for s in steps})]

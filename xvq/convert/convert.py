@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -65,6 +66,13 @@ def parameter_counts(fam: Family, tensors) -> tuple[int, int, int, int]:
     return total, total - expert, expert, fam.hp.n_expert
 
 
+def earlier_split(outfile: Path, written: list[Path]) -> list[Path]:
+    """Files an earlier run wrote under the same name with another split (NAME.gguf vs
+    NAME-0000k-of-0000n.gguf): left behind they would be loaded as a second model."""
+    same = re.compile(rf"{re.escape(outfile.stem)}(-\d{{5}}-of-\d{{5}})?{re.escape(outfile.suffix)}")
+    return [p for p in outfile.parent.iterdir() if same.fullmatch(p.name) and p not in written and p.is_file()]
+
+
 def convert(model_dir: Path | str, outfile: Path | str, outtype: str = "f16", *, split_max_size: str | int = 0,
             name: str | None = None, chat_template: str | None = None, rope_theta: float | None = None,
             progress: bool = True) -> list[Path]:
@@ -98,8 +106,8 @@ def convert(model_dir: Path | str, outfile: Path | str, outtype: str = "f16", *,
     ensure_writable_dir(outfile.parent)
     staging = temp_sibling(outfile)
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
     try:
+        staging.mkdir()
         w.begin(staging / outfile.name)
         total_rows = sum(p.tensor.n_rows for p in plans)
         with tqdm(total=total_rows, desc=f"convert {name} → {outtype}", unit="row", disable=not progress,
@@ -112,6 +120,8 @@ def convert(model_dir: Path | str, outfile: Path | str, outtype: str = "f16", *,
         for f in sorted(staging.iterdir()):
             os.replace(f, outfile.parent / f.name)
             written.append(outfile.parent / f.name)
+        for stale in earlier_split(outfile, written):
+            stale.unlink()
         return written
     except OSError as e:
         if e.errno == 28:

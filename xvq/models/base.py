@@ -107,6 +107,8 @@ class Family:
     ollama_template: ClassVar[str] = "{{ .Prompt }}"
     stop_strings: ClassVar[tuple[str, ...]] = ()
     gptq_base: ClassVar[str] = "llama"              # GPTQModel definition to quantize through
+    gptq_module_tree: ClassVar[list | None] = None  # its module_tree, when the family's differs
+    gptq_definition_attrs: ClassVar[dict] = {}      # further class attributes of that definition
     rope_permute_qk: ClassVar[bool] = True          # HF rotate-half -> llama.cpp NORM rope
 
     def __init__(self, config: dict):
@@ -225,7 +227,11 @@ def families() -> list[type[Family]]:
 def family_for(config: dict, source: str = "config.json") -> Family:
     for cls in _REGISTRY:
         if cls.accepts(config):
-            return cls(config)
+            try:
+                return cls(config)
+            except KeyError as e:
+                raise XvqError(f"{source}: {e.args[0]!r} is missing, which {cls.name} checkpoints need; "
+                               f"use the config.json that came with the weights") from None
     archs = config.get("architectures") or [config.get("model_type", "?")]
     supported = sorted({a for f in _REGISTRY for a in f.architectures})
     raise XvqError(f"{source}: architecture {', '.join(map(str, archs))} is not supported; "

@@ -22,8 +22,9 @@ from typing import ClassVar, Iterator
 
 import numpy as np
 
-from xvq.models.base import Hparams, OutTensor, RowReader, SourceTensor
-from xvq.models.base import register
+from xvq.errors import XvqError
+from xvq.models.base import Hparams, OutTensor, RowReader, SourceTensor, register
+from xvq.models.quant_types import gguf_order
 from xvq.models.xverse import Xverse
 
 EXPERT_RE = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
@@ -73,7 +74,11 @@ class XverseMoe(Xverse):
     def hparams(self, c: dict) -> Hparams:
         hp = super().hparams(c)
         hp.n_expert = int(c["num_experts"])
-        hp.n_expert_used = int(c.get("moe_top_k") or c.get("num_experts_per_tok"))
+        top_k = c.get("moe_top_k") or c.get("num_experts_per_tok")
+        if not top_k:
+            raise XvqError("config.json: num_experts is set but moe_top_k (experts per token) is missing; "
+                           "use the config that came with the checkpoint")
+        hp.n_expert_used = int(top_k)
         hp.n_shared_expert = int(c.get("num_shared_experts") or 0)
         hp.n_ff_exp = hp.n_ff
         return hp
@@ -105,6 +110,8 @@ class XverseMoe(Xverse):
         yield from sorted(out, key=lambda t: gguf_order(t.name))
 
     def stacked_experts(self, sources: dict[str, SourceTensor], layer: int, proj: str) -> OutTensor:
+        """`blk.L.ffn_P_exps`; its `sources` list the experts' HF weights in expert (row-group)
+        order, which is how per-expert imatrix rows map back to modules."""
         names = [f"model.layers.{layer}.mlp.experts.{e}.{proj}_proj.weight" for e in range(self.hp.n_expert)]
         parts = [sources[n] for n in names]
         return OutTensor(f"blk.{layer}.ffn_{proj}_exps.weight", (len(parts), *parts[0].shape),
@@ -124,12 +131,6 @@ class XverseMoe(Xverse):
 def mlp_shapes(prefix: str, n_embd: int, width: int) -> dict[str, tuple[int, int]]:
     return {prefix + "gate_proj.weight": (width, n_embd), prefix + "up_proj.weight": (width, n_embd),
             prefix + "down_proj.weight": (n_embd, width)}
-
-
-def gguf_order(name: str) -> tuple[int, str]:
-    """llama.cpp's weight_name_comparer: by block number (non-block tensors first), then name."""
-    m = re.match(r"blk\.(\d+)\.", name)
-    return (int(m.group(1)) if m else -1, name)
 
 
 def stacked_rows(parts: list[SourceTensor]) -> RowReader:

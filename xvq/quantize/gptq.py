@@ -44,6 +44,7 @@ CARRIED_GLOBS = ("*.py", "LICENSE*", "NOTICE*", "*.tiktoken")
 RESAVED_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                            "added_tokens.json", "chat_template.jinja")
 MIN_SEQ_TOKENS = 16
+OUTPUT_DTYPE = "float16"
 
 
 @dataclass
@@ -63,7 +64,17 @@ class GptqSettings:
     seed: int = 0
     max_shard_size: str = "4GB"
     device: str = "auto"           # auto | cpu | cuda
-    dtype: str = "float16"         # activations while calibrating, and the scales' dtype on disk
+    # Activations while calibrating: auto = bfloat16 on CPU (fp16 matmuls are several times
+    # slower there), float16 on CUDA. The output is float16 either way (XVERSE's GPTQ releases
+    # are; vLLM's GPTQ kernels want it).
+    calib_dtype: str = "auto"
+
+    def torch_calib_dtype(self):
+        import torch
+        if self.calib_dtype != "auto":
+            return getattr(torch, self.calib_dtype)
+        on_cuda = self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available())
+        return torch.float16 if on_cuda else torch.bfloat16
 
     def quantize_config(self, offload_dir: Path):
         from gptqmodel import QuantizeConfig
@@ -239,8 +250,33 @@ def write_configs(out: Path, model_dir: Path, forbidden: list[str], dtype: str) 
     config = read_config(model_dir)
     config.pop("quantization_config", None)
     config |= {"torch_dtype": dtype, "quantization_config": quant}
+    if "dtype" in config:   # transformers 5 writes `dtype`; both must agree
+        config["dtype"] = dtype
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return config
+
+
+def cast_shards(out: Path, dtype: str) -> None:
+    """Floating tensors (embeddings, norms, lm_head, scales) to `dtype`, one shard at a time."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    target = getattr(torch, dtype)
+    total = 0
+    for shard in sorted(out.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            metadata = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if any(t.is_floating_point() and t.dtype != target for t in tensors.values()):
+            tensors = {k: t.to(target) if t.is_floating_point() else t for k, t in tensors.items()}
+            save_file(tensors, str(shard), metadata=metadata)
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        del tensors
+    index = out / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text(encoding="utf-8"))
+        data.setdefault("metadata", {})["total_size"] = total
+        index.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 def carry_source_files(out: Path, model_dir: Path) -> None:
@@ -321,7 +357,7 @@ def quantize_gptq(model_dir: Path | str, outdir: Path | str, settings: GptqSetti
         cls = qmodel_class(family)
         torch.manual_seed(settings.seed)
         model = cls.from_pretrained(str(source), quantize_config=settings.quantize_config(work / "offload"),
-                                    dtype=getattr(torch, settings.dtype))
+                                    dtype=settings.torch_calib_dtype())
         if on_model is not None:
             on_model(model)
         model.quantize(seqs, batch_size=1, tokenizer=tokenizer)
@@ -331,7 +367,8 @@ def quantize_gptq(model_dir: Path | str, outdir: Path | str, settings: GptqSetti
         del model
         forbidden = [str(work), str(work.resolve()), str(tmp), str(tmp.resolve()), str(model_dir.resolve()),
                      str(outdir.resolve().parent)]
-        write_configs(tmp, model_dir, forbidden, settings.dtype)
+        cast_shards(tmp, OUTPUT_DTYPE)
+        write_configs(tmp, model_dir, forbidden, OUTPUT_DTYPE)
         carry_source_files(tmp, model_dir)
         assert_no_local_paths(tmp, forbidden)
     return GptqResult(outdir, len(seqs), n_tokens, quant_log, damp_raised)

@@ -28,9 +28,11 @@ def release_cmd():
 @click.option("--gptq-bits", "gptq_bits", multiple=True, type=int, help="GPTQ bits (default: 4 and 8); 0 = none.")
 @click.option("--split-max-size", default="48G", show_default=True, help="Split GGUFs larger than this.")
 @click.option("--max-tokens", type=int, default=None, help="Cap the validation text (tokens).")
+@click.option("--calib-tokens", type=int, default=None, help="Calibration budget for imatrix and GPTQ.")
 @click.option("--force", is_flag=True, help="Redo every step.")
 @click.option("--allow-partial", is_flag=True, help="Exit 0 even when the gate left artifacts out.")
-def build_cmd(model_dir, name, out_root, gguf_types, gptq_bits, split_max_size, max_tokens, force, allow_partial):
+def build_cmd(model_dir, name, out_root, gguf_types, gptq_bits, split_max_size, max_tokens, calib_tokens, force,
+              allow_partial):
     """Build → validate → package MODEL_DIR into out/<name>/release/."""
     from xvq.errors import XvqError
     from xvq.release.pipeline import DEFAULT_GGUF_TYPES, DEFAULT_GPTQ_BITS, release
@@ -38,6 +40,7 @@ def build_cmd(model_dir, name, out_root, gguf_types, gptq_bits, split_max_size, 
     options = {"max_tokens": max_tokens} if max_tokens else {}
     r = release(model_dir, name=name, out_root=out_root, gguf_types=gguf_types or DEFAULT_GGUF_TYPES,
                 gptq_bits=bits, force=force, split_max_size=split_max_size, validate_options=options,
+                calib_tokens=calib_tokens,
                 log=click.echo)
     click.echo(f"steps run: {', '.join(r.ran) or 'none'}; up to date: {', '.join(r.skipped) or 'none'}")
     click.echo(f"released ({len(r.included)}):")

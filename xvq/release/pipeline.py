@@ -54,7 +54,8 @@ def model_hash(model_dir: Path) -> str:
     return h.hexdigest()
 
 
-def build_ggufs(model_dir: Path, layout: Layout, types: list[str], stamps: Stamps, src_fp, log) -> list[Path]:
+def build_ggufs(model_dir: Path, layout: Layout, types: list[str], stamps: Stamps, src_fp, log,
+                calib_tokens: int | None = None) -> list[Path]:
     from xvq.convert import convert
     from xvq.quantize.gguf import calibration, default_uses_imatrix, parse_type, quantize
     from xvq.quantize.imatrix import compute_imatrix
@@ -66,11 +67,11 @@ def build_ggufs(model_dir: Path, layout: Layout, types: list[str], stamps: Stamp
     needs_imatrix = any(default_uses_imatrix(q) or q.needs_imatrix for q in qts)
 
     def measure_imatrix():
-        calib = calibration(tokenizer_dir=model_dir)
+        calib = calibration(tokenizer_dir=model_dir, **({"budget_tokens": calib_tokens} if calib_tokens else {}))
         im = compute_imatrix(f16, calib.text, dataset=calib.dataset)
         im.save(imat)
     if needs_imatrix:
-        stamps.run("imatrix", {"gguf": fingerprint([f16])}, [imat], measure_imatrix)
+        stamps.run("imatrix", {"gguf": fingerprint([f16]), "calib_tokens": calib_tokens}, [imat], measure_imatrix)
     outs = []
     for q in qts:
         out = layout.gguf(q.name)
@@ -83,14 +84,15 @@ def build_ggufs(model_dir: Path, layout: Layout, types: list[str], stamps: Stamp
     return outs
 
 
-def build_gptqs(model_dir: Path, layout: Layout, bits: list[int], stamps: Stamps, src_fp) -> list[Path]:
+def build_gptqs(model_dir: Path, layout: Layout, bits: list[int], stamps: Stamps, src_fp,
+                calib_tokens: int | None = None) -> list[Path]:
     if not bits:
         return []
     from xvq.quantize.gptq import GptqSettings, quantize_gptq
     outs = []
     for b in bits:
         out = layout.gptq(b)
-        settings = GptqSettings(bits=b)
+        settings = GptqSettings(bits=b, **({"calib_tokens": calib_tokens} if calib_tokens else {}))
         stamps.run(f"gptq-int{b}", {"model": src_fp, "settings": settings.__dict__}, [out],
                    lambda out=out, settings=settings: quantize_gptq(model_dir, out, settings))
         outs.append(out)
@@ -172,7 +174,8 @@ def manifest_meta(model_dir: Path, layout: Layout, data: dict, src_hash: str, le
 
 def release(model_dir: Path | str, *, name: str | None = None, out_root: Path | str | None = None,
             gguf_types=DEFAULT_GGUF_TYPES, gptq_bits=DEFAULT_GPTQ_BITS, force: bool = False,
-            split_max_size: str = DEFAULT_SPLIT, validate_options: dict | None = None, log=print) -> ReleaseResult:
+            split_max_size: str = DEFAULT_SPLIT, validate_options: dict | None = None,
+            calib_tokens: int | None = None, log=print) -> ReleaseResult:
     from xvq.convert.writer import parse_size
     model_dir = Path(model_dir)
     config = read_config(model_dir)
@@ -180,8 +183,8 @@ def release(model_dir: Path | str, *, name: str | None = None, out_root: Path | 
     layout = Layout.for_model(model_dir, name, out_root)
     stamps = Stamps(layout.base / ".stamps", force)
     src_fp = fingerprint([f for f in model_dir.iterdir() if f.is_file()])
-    ggufs = build_ggufs(model_dir, layout, list(gguf_types), stamps, src_fp, log)
-    gptqs = build_gptqs(model_dir, layout, list(gptq_bits), stamps, src_fp)
+    ggufs = build_ggufs(model_dir, layout, list(gguf_types), stamps, src_fp, log, calib_tokens)
+    gptqs = build_gptqs(model_dir, layout, list(gptq_bits), stamps, src_fp, calib_tokens)
     options = validate_options or {}
     data = run_validate(model_dir, layout, ggufs + gptqs, stamps, src_fp, options)
     result = ReleaseResult(layout.release_dir)
