@@ -2,7 +2,7 @@
 on the same synthetic LLaMA checkpoint: bf16 safetensors, >= 2 GB, sharded like save_pretrained
 does it, converted to f16 by both in one run.
 
-    .venv/bin/python bench/convert.py                 # 22 layers of hidden 2048: 2.26 GB bf16
+    .venv/bin/python bench/convert.py                 # 24 layers of hidden 2048 (GQA 16/4): 2.17 GB bf16
     .venv/bin/python bench/convert.py --layers 4      # a quick look (~0.4 GB)
 
 The checkpoint is made once with xvq.synth.write_random_safetensors (tokenizer: stories260K-hf's
@@ -92,7 +92,7 @@ def same_tensors(a: Path, b: Path) -> tuple[int, int]:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=22)
+    ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--ff", type=int, default=5632)
     ap.add_argument("--outtype", default="f16")

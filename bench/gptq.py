@@ -111,8 +111,18 @@ def tokenizer_for_bench(folder: Path) -> Path:
 
 
 def corpus_texts(heldout: bool) -> list[str]:
-    """Multilingual text from ../shared/assets/corpus when present (calibration: the first
-    halves of the files, held-out: the second halves), else the literal paragraphs above."""
+    """Calibration (heldout=False) or held-out text, never overlapping: xvq's calibration set's
+    train / held-out splits (paragraphs in a fixed shuffled order, so every window mixes
+    languages); without it, the halves of ../shared/assets/corpus; else the literal paragraphs."""
+    import random
+    try:
+        from xvq.calib_data import records
+        texts = [r["text"] for r in records("heldout" if heldout else "train")]
+        random.Random(0).shuffle(texts)
+        if texts:
+            return texts
+    except ImportError:
+        pass
     corpus = Path(os.environ.get("XVQ_SHARED", ROOT.parent / "shared")) / "assets" / "corpus"
     files = sorted(corpus.glob("*/*.txt")) if corpus.is_dir() else []
     if not files:
@@ -298,8 +308,16 @@ class LayerMeter:
 
     def enter(self, phase: str):
         if phase not in self.start:
+            self._close_cuda_phase()
             self.start[phase] = time.perf_counter()
             self.current = phase
+
+    def _close_cuda_phase(self):
+        """On CUDA the allocator's own peak counter is exact (sampling misses short spikes)."""
+        if self.cuda:
+            import torch
+            self.peak[self.current] = max(self.peak.get(self.current, 0), torch.cuda.max_memory_allocated())
+            torch.cuda.reset_peak_memory_stats()
 
     def attach(self, qmodel):
         import torch
@@ -313,6 +331,7 @@ class LayerMeter:
         """Phases: load (model shell, calibration capture), then one per layer; the last layer's
         time includes packing and saving."""
         end = time.perf_counter()
+        self._close_cuda_phase()
         self._stop.set()
         self._thread.join()
         phases = list(self.start)
@@ -351,7 +370,7 @@ def worker(args) -> None:
         model.quantize(seqs, batch_size=1, tokenizer=tok)
         model.save(str(args.out))
     rows = meter.finish()
-    peak_cuda = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+    peak_cuda = max(r["peak_mb"] for r in rows) if cuda else None
     Path(args.json).write_text(json.dumps({"seconds": time.perf_counter() - t0, "tokens": n_tokens,
                                            "phases": rows, "peak_cuda_mb": peak_cuda}))
 
@@ -382,12 +401,25 @@ def print_phases(label: str, run: dict) -> None:
         print(f"  {r['phase']:<12} {r['seconds']:8.2f} {r['peak_mb']:9.0f}")
 
 
-def bench_model(model_dir: Path, work: Path, args, compare_plain: bool) -> None:
-    print(f"\n=== {model_dir} ({json.loads((model_dir / 'config.json').read_text()).get('architectures')}) "
-          f"{args.bits}-bit g{args.group_size}, device {args.device} ===")
+def llama_view(model_dir: Path, dest: Path) -> Path:
+    """The same weights declared as LLaMA (what plain GPTQModel can quantize: its own XVERSE
+    definition needs transformers <= 4.38)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in model_dir.iterdir():
+        if f.name != "config.json" and not (dest / f.name).exists():
+            (dest / f.name).symlink_to(f.resolve())
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg = {k: v for k, v in cfg.items() if k != "auto_map"} | {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+    (dest / "config.json").write_text(json.dumps(cfg, indent=2))
+    return dest
+
+
+def bench_model(model_dir: Path, work: Path, args) -> None:
+    arch = json.loads((model_dir / "config.json").read_text()).get("architectures")
+    print(f"\n=== {model_dir} ({arch}) {args.bits}-bit g{args.group_size}, device {args.device} ===")
     runs = {"xvq": run_worker("xvq", model_dir, work / f"{model_dir.name}-xvq", args)}
-    if compare_plain:
-        runs["plain GPTQModel"] = run_worker("plain", model_dir, work / f"{model_dir.name}-plain", args)
+    plain_src = model_dir if arch == ["LlamaForCausalLM"] else llama_view(model_dir, work / f"{model_dir.name}-as-llama")
+    runs["plain GPTQModel"] = run_worker("plain", plain_src, work / f"{model_dir.name}-plain", args)
     batches = eval_batches(model_dir, corpus_texts(heldout=True), args.eval_seq_len, args.eval_seqs)
     ref = log_probs(source_model(model_dir), batches)
     rows = {"RTN (reference)": kl_and_ppl(ref, log_probs(rtn_model(model_dir, args.bits, args.group_size), batches), batches)}
@@ -437,8 +469,7 @@ def main() -> None:
                                             num_key_value_heads=max(2, args.hidden // 128), **size),
                       structured_checkpoint(work / "xverse-structured", "xverse", tok, fmt="bin", **size)]
         for m in models:
-            family = json.loads((m / "config.json").read_text()).get("model_type")
-            bench_model(m, work, args, compare_plain=family == "llama")
+            bench_model(m, work, args)
 
 
 if __name__ == "__main__":

@@ -211,11 +211,11 @@ def test_disk_full_leaves_nothing_and_keeps_previous_file(model, tmp_path, monke
     calls = {"n": 0}
     real_encode = writer.encode
 
-    def encode_then_fail(rows, qtype):
+    def encode_then_fail(*args):
         calls["n"] += 1
         if calls["n"] > 5:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_encode(rows, qtype)
+        return real_encode(*args)
     monkeypatch.setattr(writer, "encode", encode_then_fail)
     msg = error_line(run_convert(model, out, *extra))
     assert "disk full" in msg and "model" in msg
@@ -226,7 +226,7 @@ def test_disk_full_leaves_nothing_and_keeps_previous_file(model, tmp_path, monke
 def test_disk_full_fresh_folder(model, tmp_path, monkeypatch):
     import xvq.convert.writer as writer
 
-    def no_space(rows, qtype):
+    def no_space(*args):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(writer, "encode", no_space)
     msg = error_line(run_convert(model, tmp_path / "out"))
@@ -237,7 +237,7 @@ def test_disk_full_fresh_folder(model, tmp_path, monkeypatch):
 def test_interrupt_leaves_nothing(model, tmp_path, monkeypatch):
     import xvq.convert.writer as writer
 
-    def interrupted(rows, qtype):
+    def interrupted(*args):
         raise KeyboardInterrupt
     monkeypatch.setattr(writer, "encode", interrupted)
     res = run_convert(model, tmp_path / "out")

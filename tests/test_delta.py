@@ -344,6 +344,9 @@ def test_converted_merge_vocab_and_chat_template(ziya, ziya_gguf, llm):
     assert tokens[:sp.vocab_size()] == [sp.id_to_piece(i) for i in range(sp.vocab_size())]
     assert tokens[ziya["n_base"]:ziya["n_ext"]] == ziya["new_pieces"]
     assert len(set(tokens)) == n_vocab  # the pad rows get names of their own
+    types = reader.fields["tokenizer.ggml.token_type"]
+    pad_types = {int(types.parts[types.data[i]][0]) for i in range(ziya["n_ext"], n_vocab)}
+    assert pad_types == {gguf.TokenType.UNUSED}  # as llama.cpp's convert_hf_to_gguf.py pads
 
     template = llm.metadata["tokenizer.chat_template"]
     query = "  帮我写一份去西安的旅游计划 "

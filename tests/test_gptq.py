@@ -108,6 +108,8 @@ def test_xverse_int4_folder(xverse_src, xverse_int4):
     assert (q["quant_method"], q["bits"], q["group_size"], q["desc_act"], q["sym"]) == ("gptq", 4, 128, True, True)
     assert q["checkpoint_format"] == "gptq" and q["meta"]["static_groups"] and q["meta"]["true_sequential"]
     assert q == json.loads((xverse_int4 / "quantize_config.json").read_text())
+    assert "xvq:" in str(q["meta"]["quantizer"]) and "dataset" not in q
+    assert not (xverse_int4 / "generation_config.json").exists()   # the source has none
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "modeling_xverse.py"):
         assert (xverse_int4 / name).read_bytes() == (xverse_src / name).read_bytes(), name
     shards = sorted(xverse_int4.glob("*.safetensors"))

@@ -162,3 +162,16 @@ def test_rejects_files_that_are_not_imatrices(stories, tmp_path):
         Imatrix.load(stories[0])
     with pytest.raises(XvqError, match="fewer than 2 chunks"):
         compute_imatrix(stories[0], "too short", n_ctx=N_CTX, n_threads=THREADS, progress=False)
+
+
+def test_moe_quantizes_byte_identically_to_llama_quantize(tiny_moe, moe_ref, tmp_path):
+    """Stacked expert tensors take their per-expert imatrix rows through xvq exactly as through
+    llama-quantize --imatrix."""
+    from xvq.quantize.gguf import quantize_file
+    model, _ = tiny_moe
+    ref = tmp_path / "ref.gguf"
+    subprocess.run([str(anchor("llama-quantize")), "--imatrix", str(moe_ref), str(model), str(ref), "Q4_K_M",
+                    str(THREADS)], check=True, capture_output=True)
+    ours = quantize_file(model, tmp_path / "ours.gguf", "Q4_K_M", imatrix=Imatrix.load(moe_ref),
+                         n_threads=THREADS, progress=False)
+    assert ours.read_bytes() == ref.read_bytes()

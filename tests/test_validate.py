@@ -258,3 +258,45 @@ def test_load_report_checks_schema_version(tmp_path):
     (tmp_path / "report.json").write_text(json.dumps({"schema_version": SCHEMA_VERSION + 1}))
     with pytest.raises(XvqError, match="schema_version"):
         load_report(tmp_path)
+
+
+# --- GPTQ folders through transformers ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gptq_pair(tmp_path_factory, xverse_tokenizer_dir):
+    """An XVERSE source (MLP width divisible by GPTQ's group of 128) and its GPTQ-Int4 folder."""
+    pytest.importorskip("gptqmodel")
+    from xvq.quantize.gptq import GptqSettings, quantize_gptq
+    from xvq.synth import make_checkpoint, tiny_config
+    src = tmp_path_factory.mktemp("gptq-src")
+    for f in xverse_tokenizer_dir.iterdir():
+        shutil.copy(f, src / f.name)
+    n_tok = len(json.loads((src / "tokenizer.json").read_text())["model"]["vocab"])
+    make_checkpoint(src, tiny_config("xverse", vocab_size=n_tok + 37, intermediate_size=768), qk_scale=4.0)
+    out = tmp_path_factory.mktemp("gptq-out") / "tiny-GPTQ-Int4"
+    quantize_gptq(src, out, GptqSettings(calib_tokens=2048, max_seq_len=128), texts=FALLBACK_TEXT)
+    return src, out
+
+
+def test_gptq_folder_scored_in_transformers(gptq_pair, tmp_path):
+    import torch
+    import xvq  # noqa: F401
+    from transformers import AutoModelForCausalLM
+    from xvq.validate.windows import load_tokenizer, make_windows
+    src, gptq_dir = gptq_pair
+    texts = {"en": EN, "zh": ZH}
+    ctx = 64
+    report = validate(src, [gptq_dir], text=texts, ctx=ctx, report_dir=tmp_path / "rep", progress=False)
+    e = report.entry(gptq_dir)
+    assert e["kind"] == "gptq" and e["quant_type"] == "GPTQ-Int4" and e["bpw"] < 16
+    assert e["token_mismatch_rate"] == 0.0 and e["passed"], e["reasons"]
+    assert 0 < e["kld_mean"] < 0.05
+    # reference: the folder as users load it, full logits, log_softmax over the second half
+    windows = make_windows(load_tokenizer(src), texts, ctx, model_dir=src)
+    model = AutoModelForCausalLM.from_pretrained(gptq_dir, device_map="cpu").eval()
+    with torch.no_grad():
+        logits = model(torch.from_numpy(windows.tokens.astype(np.int64))).logits.float()
+    lp = torch.log_softmax(logits[:, ctx // 2:-1], dim=-1)
+    tgt = torch.from_numpy(windows.tokens[:, ctx // 2 + 1:].astype(np.int64))
+    nll = -lp.gather(-1, tgt[..., None]).squeeze(-1)
+    assert e["perplexity"] == pytest.approx(float(torch.exp(nll.mean())), rel=1e-4)

@@ -153,10 +153,10 @@ def test_llama_tokenizer_json_only_stories260k(tmp_path):
 def test_full_xverse_vocab_on_259_corpus_chunks(tmp_path):
     d = shared("xverse-style-tokenizer")
     texts = corpus_chunks(list(shared("corpus").glob("*/*.txt")), 259)
-    path = write_vocab_only_gguf(tmp_path / "v.gguf", d, 100_534)
+    v = read_vocab(d)
+    path = write_vocab_only_gguf(tmp_path / "v.gguf", d, 100_534, vocab=v)
     assert llama_tokenizer(path)[0]("hello")  # loads
     r = compare_tokenization(path, d, texts)
-    v = read_vocab(d)
     # ratchet: issue 3 measured 6/259 with llama.cpp's converter, 202/259 with the first fixes
     assert r.n_equal >= 245, r.summary()
     # every residual is the documented one: a text starting with a start-only `▁X` token
@@ -173,3 +173,21 @@ def test_convert_prints_the_measured_mismatch_rate(tiny_xverse, tmp_path):
     line = next(ln for ln in res.output.splitlines() if ln.startswith("tokenizer parity"))
     n = len(parity_sample())
     assert f"{n}/{n} texts identical (mismatch rate 0.0%" in line
+
+
+def test_add_bos_follows_the_tokenizer_when_config_is_silent(xverse_tokenizer_dir, tmp_path):
+    """XVERSE's real tokenizer_config.json has no add_bos_token: then what the HF tokenizer does
+    (no post-processor: no BOS) decides, not llama.cpp's BOS-on default for `llama` vocabularies."""
+    import shutil
+
+    import llama_cpp
+    from tokenizers import Tokenizer
+    d = tmp_path / "tok"
+    shutil.copytree(xverse_tokenizer_dir, d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg.pop("add_bos_token")
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    path = write_vocab_only_gguf(tmp_path / "v.gguf", d)
+    llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    hf = Tokenizer.from_file(str(d / "tokenizer.json"))
+    assert llm.tokenize(b"hello world", add_bos=True) == hf.encode("hello world", add_special_tokens=True).ids

@@ -4,6 +4,7 @@ Importing xvq registers XVERSE with transformers' Auto classes, so `from_pretrai
 XVERSE folders without remote code. transformers takes seconds to import, so when it is not
 loaded yet the registration runs the moment it is (the CLI's GGUF commands never pay for it).
 """
+import importlib
 import importlib.abc
 import sys
 
@@ -11,8 +12,10 @@ __version__ = "0.1.0"
 
 
 def _register() -> None:
-    from xvq.models.hf import register
-    register()
+    # xvq.models.hf registers itself when its import completes; when the hook fires because
+    # that very module is importing transformers, it is already on its way.
+    if "xvq.models.hf" not in sys.modules:
+        importlib.import_module("xvq.models.hf")
 
 
 class _AfterTransformersImport(importlib.abc.MetaPathFinder):

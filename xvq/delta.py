@@ -36,7 +36,7 @@ _CANONICAL = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64":
               "F32": "F32", "F16": "F16", "BF16": "BF16", "F64": "F64"}
 INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_SHARD_SIZE = "2GB"
-BLOCK_BYTES = 32 << 20  # output bytes computed at once
+BLOCK_BYTES = 16 << 20  # output bytes computed at once (bench: ~35 MB added at the peak)
 
 
 def st_dtype(src: SourceTensor) -> str:
@@ -113,10 +113,12 @@ def raw(src: SourceTensor, sel) -> np.ndarray:
     return src.raw_rows(sel)
 
 
-def is_vocab_tensor(shape_a, shape_b, vocab_a: int, vocab_b: int) -> bool:
-    """Rows indexed by token id on both sides: differing row counts are an extended vocabulary."""
-    return (len(shape_a) == len(shape_b) and tuple(shape_a[1:]) == tuple(shape_b[1:])
-            and shape_a[0] == vocab_a and shape_b[0] == vocab_b)
+def is_vocab_tensor(shape_a, shape_b, vocab_a, vocab_b) -> bool:
+    """Rows indexed by token id on both sides: differing row counts are an extended vocabulary.
+    (Some early LLaMA conversions carry vocab_size -1; then the base's rows are taken as they are.)"""
+    base_ok = shape_b[0] == vocab_b if isinstance(vocab_b, int) and vocab_b > 0 else True
+    return (len(shape_a) == len(shape_b) > 0 and tuple(shape_a[1:]) == tuple(shape_b[1:])
+            and shape_a[0] == vocab_a and base_ok)
 
 
 def plan(outer: Checkpoint, base: Checkpoint, op: str, outer_role: str) -> list[Step]:

@@ -112,8 +112,8 @@ def convert(model_dir: Path | str, outfile: Path | str, outtype: str = "f16", *,
         total_rows = sum(p.tensor.n_rows for p in plans)
         with tqdm(total=total_rows, desc=f"convert {name} → {outtype}", unit="row", disable=not progress,
                   leave=False) as bar:
-            for p in plans:
-                bar.set_postfix_str(p.tensor.name, refresh=False)
+            for i, p in enumerate(plans, 1):
+                bar.set_postfix_str(f"tensor {i}/{len(plans)} {p.tensor.name}")  # redrawn per tensor
                 w.stream(p, on_rows=bar.update)
         w.close()
         written = []

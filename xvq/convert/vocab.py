@@ -20,6 +20,7 @@ never adds the leading `▁` to the first word, so it cannot match; see the docs
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,25 +74,30 @@ def _is_byte_token(t: str) -> bool:
     return len(t) == 6 and t.startswith("<0x") and t.endswith(">")
 
 
-def _pre_tokenizer_variants(tj: dict):
-    """The tokenizer's own pre-tokenizer, once as mid-text (no prefix) and once as start of text.
-    None when there is none (LLaMA-HF: every piece of text is one word)."""
+def _metaspace_scheme(node: dict) -> str:
+    """prepend_scheme, or what tokenizers reads the older add_prefix_space as."""
+    return node.get("prepend_scheme") or ("always" if node.get("add_prefix_space", True) else "never")
+
+
+def _pre_tokenizer(tj: dict, first_as: str | None = None):
+    """The tokenizer's own pre-tokenizer; with `first_as`, a Metaspace that prefixes the first
+    piece only does `first_as` instead. None when there is none (LLaMA-HF: the text is one word)."""
     from tokenizers import Tokenizer
     pre = tj.get("pre_tokenizer")
     if not pre:
-        return None, None
+        return None
 
-    def with_scheme(scheme: str):
-        def patch(node):
-            if isinstance(node, dict):
-                if node.get("type") == "Metaspace" and node.get("prepend_scheme", "first") != "always":
-                    node = dict(node, prepend_scheme=scheme, add_prefix_space=scheme != "never")
-                return {k: patch(v) for k, v in node.items()}
-            if isinstance(node, list):
-                return [patch(v) for v in node]
-            return node
-        return Tokenizer.from_str(json.dumps(dict(tj, pre_tokenizer=patch(pre)))).pre_tokenizer
-    return with_scheme("never"), with_scheme("first")
+    def patch(node):
+        if isinstance(node, dict):
+            if node.get("type") == "Metaspace" and first_as and _metaspace_scheme(node) == "first":
+                node = dict(node, prepend_scheme=first_as, add_prefix_space=first_as != "never")
+            return {k: patch(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [patch(v) for v in node]
+        return node
+    # only the pre-tokenizer matters: an empty model loads in microseconds, the real one in a second
+    shell = {"version": "1.0", "model": {"type": "BPE", "vocab": {}, "merges": []}, "pre_tokenizer": patch(pre)}
+    return Tokenizer.from_str(json.dumps(shell)).pre_tokenizer
 
 
 def _pieces(pre, text: str) -> list[str]:
@@ -102,9 +108,10 @@ def _reachability(tj: dict, tokens: list[str], pairs: list[tuple[str, str]], pla
     """'mid' for text Hugging Face can produce anywhere, 'start' only at the start of a text; tokens
     absent are never produced. A token is produced when a chain of merges builds it from single
     characters inside one pre-tokenizer piece."""
-    mid_pre, first_pre = _pre_tokenizer_variants(tj)
+    mid_pre, first_pre = _pre_tokenizer(tj, "never"), _pre_tokenizer(tj, "first")
     candidates = {tokens[i] for i in plain}
 
+    @functools.lru_cache(maxsize=None)
     def status(t: str) -> str | None:
         if mid_pre is None or _pieces(mid_pre, t) == [t]:
             return "mid"
@@ -172,7 +179,8 @@ def json_vocab(path: Path) -> Vocab:
     for r, (a, b) in enumerate(pairs):
         rank.setdefault(a + b, r)
     unk = model.get("unk_token")
-    plain = {i for i, t in enumerate(tokens) if t is not None and i not in added and not _is_byte_token(t)}
+    plain = {i for i, t in enumerate(tokens)
+             if t is not None and i not in added and t != unk and not _is_byte_token(t)}
     reach = _reachability(tj, tokens, pairs, plain)
 
     v = Vocab(tokens=[], scores=[], types=[], source=path, guard=_choose_guard([t for t in tokens if t]))
@@ -182,10 +190,10 @@ def json_vocab(path: Path) -> Vocab:
             t, kind = v.placeholder(f"hole{i}"), TT.UNUSED
         elif _is_byte_token(t):  # before added tokens: some trainers list the bytes as specials
             kind = TT.BYTE
+        elif t == unk:
+            kind = TT.UNKNOWN
         elif i in added:
             kind = TT.CONTROL if added[i].get("special") else TT.USER_DEFINED
-            if t == unk:
-                kind = TT.UNKNOWN
         elif reach.get(t) != "mid":
             v.renamed[i] = t
             if reach.get(t) == "start":
@@ -201,7 +209,7 @@ def json_vocab(path: Path) -> Vocab:
     if model.get("ignore_merges"):
         v.notes.append("ignore_merges is set: whole-word vocabulary hits are not reproduced by llama.cpp")
     v.add_space_prefix, v.add_bos, v.add_eos = _hf_behaviour(path)
-    if tj.get("pre_tokenizer") and "".join(_pieces(_pre_tokenizer_variants(tj)[1], "a,b")).count(SPACE) > 1:
+    if tj.get("pre_tokenizer") and "".join(_pieces(_pre_tokenizer(tj), "a,b")).count(SPACE) > 1:
         v.notes.append("the pre-tokenizer prefixes every piece with a space (Metaspace prepend_scheme always); "
                        "llama.cpp prefixes only the text, so ids differ around punctuation and digits")
     return v

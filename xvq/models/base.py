@@ -43,6 +43,10 @@ class OutTensor:
     shape: tuple[int, ...]
     rows: RowReader
     sources: list[str] = field(default_factory=list)
+    # The same rows in the source's stored dtype (SourceTensor.raw_rows) when the mapping only
+    # reorders rows, so the writer can go bf16 -> f16 (or f16 -> f16) without a float32 detour.
+    raw_rows: RowReader | None = None
+    raw_dtype: str | None = None
 
     @property
     def n_rows(self) -> int:
@@ -56,12 +60,18 @@ def rope_permute_rows(n_rows: int, n_head: int) -> np.ndarray:
     return idx.swapaxes(1, 2).reshape(-1)
 
 
-def permuted(src: SourceTensor, n_head: int) -> RowReader:
-    perm = rope_permute_rows(src.shape[0], n_head)
+def reordered(rows: RowReader, order: np.ndarray | None) -> RowReader:
+    """`rows` with row i of the result read from row order[i] (None: unchanged)."""
+    if order is None:
+        return rows
 
-    def rows(sel):
-        return src.rows(perm[sel])
-    return rows
+    def read(sel):
+        return rows(order[sel])
+    return read
+
+
+def permuted(src: SourceTensor, n_head: int) -> RowReader:
+    return reordered(src.rows, rope_permute_rows(src.shape[0], n_head))
 
 
 @dataclass
@@ -170,17 +180,27 @@ class Family:
             if new is None:
                 raise XvqError(f"{src.file or src.name}: tensor {src.name!r} has no GGUF name for arch "
                                f"{self.gguf_arch}; the checkpoint does not match its config")
-            yield OutTensor(new, src.shape, self.transform(src), [src.name])
+            raw = None
+            if src.raw_rows is not None and type(self).transform is Family.transform:  # a pure reordering
+                raw = reordered(src.raw_rows, self.row_order(src))
+            yield OutTensor(new, src.shape, self.transform(src), [src.name], raw_rows=raw, raw_dtype=src.dtype)
 
     def skip_tensor(self, name: str) -> bool:
         return name.endswith("rotary_emb.inv_freq")
 
-    def transform(self, src: SourceTensor) -> RowReader:
+    def row_order(self, src: SourceTensor) -> np.ndarray | None:
+        """The order GGUF wants the rows of `src` in (None: as stored): q/k rows get llama.cpp's
+        rope permutation."""
         if self.rope_permute_qk and src.name.endswith("self_attn.q_proj.weight"):
-            return permuted(src, self.hp.n_head)
+            return rope_permute_rows(src.shape[0], self.hp.n_head)
         if self.rope_permute_qk and src.name.endswith("self_attn.k_proj.weight"):
-            return permuted(src, self.hp.n_head_kv)
-        return src.rows
+            return rope_permute_rows(src.shape[0], self.hp.n_head_kv)
+        return None
+
+    def transform(self, src: SourceTensor) -> RowReader:
+        """float32 rows of the GGUF tensor made from `src`. A family that changes values (not
+        just their order) overrides this; its tensors then always go through float32."""
+        return reordered(src.rows, self.row_order(src))
 
     def write_hparams(self, w) -> None:
         hp = self.hp

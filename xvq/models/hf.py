@@ -54,3 +54,6 @@ def register() -> None:
     except TypeError:  # older transformers without exist_ok
         AutoConfig.register("xverse", XverseConfig)
         AutoModelForCausalLM.register(XverseConfig, XverseForCausalLM)
+
+
+register()

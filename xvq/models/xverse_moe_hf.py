@@ -47,8 +47,13 @@ def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.
 
 
 class XverseMoeBlock(nn.Module):
-    def __init__(self, config):
+    # Set only while GPTQ calibrates (xvq.quantize.gptq_moe): called with (block, chosen expert
+    # ids) and returns the experts that must also see every token of the batch.
+    calibration_hook = None
+
+    def __init__(self, config, layer_idx: int = 0):
         super().__init__()
+        self.layer_idx = layer_idx
         self.num_experts = config.num_experts
         self.top_k = config.moe_top_k
         self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
@@ -62,12 +67,15 @@ class XverseMoeBlock(nn.Module):
         x = hidden_states.reshape(-1, shape[-1])
         weights, chosen = route(self.router(x), self.top_k)
         out = torch.zeros_like(x)
+        forced = set(self.calibration_hook(self, chosen)) if self.calibration_hook is not None else set()
         # Loop over the experts that received tokens (each sees only its tokens, as in serving),
-        # so calibration hooks on an expert's Linear layers see exactly its routed inputs.
-        for e in torch.unique(chosen).tolist():
+        # so calibration hooks on an expert's Linear layers see exactly its routed inputs. A forced
+        # (calibration-starved) expert runs on every token for its statistics; only its own
+        # tokens' rows enter the output, which is therefore unchanged.
+        for e in sorted(set(torch.unique(chosen).tolist()) | forced):
             token, slot = torch.where(chosen == e)
-            y = self.experts[e](x[token]) * weights[token, slot, None].to(x.dtype)
-            out.index_add_(0, token, y)
+            y = self.experts[e](x)[token] if e in forced else self.experts[e](x[token])
+            out.index_add_(0, token, y * weights[token, slot, None].to(x.dtype))
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out.reshape(shape)
@@ -78,7 +86,7 @@ class XverseMoeDecoderLayer(LlamaDecoderLayer):
 
     def __init__(self, config, layer_idx: int):
         super().__init__(config, layer_idx)
-        self.mlp = XverseMoeBlock(config)
+        self.mlp = XverseMoeBlock(config, layer_idx)
 
 
 class XverseMoePreTrainedModel(LlamaPreTrainedModel):

@@ -125,10 +125,27 @@ def read_source(path: Path | str) -> SourceInfo:
         raise XvqError(f"{path}: a GGUF of type '{gtype}', not a model; give the model's f16/f32 GGUF")
     if "general.architecture" not in r.fields:
         raise XvqError(f"{path}: GGUF without general.architecture, not a model; give the model's f16/f32 GGUF")
-    tensors = {t.name: tuple(int(x) for x in t.shape) for t in r.tensors}
-    weights = Counter(t.tensor_type.name for t in r.tensors if len(t.shape) >= 2)
+    readers = [r] + [gguf.GGUFReader(p) for p in other_shards(path, r)]
+    infos = [t for rr in readers for t in rr.tensors]
+    tensors = {t.name: tuple(int(x) for x in t.shape) for t in infos}
+    weights = Counter(t.tensor_type.name for t in infos if len(t.shape) >= 2)
     wtype = weights.most_common(1)[0][0] if weights else "F32"
     return SourceInfo(path, _str_field(r, "general.name"), tensors, wtype, TYPE_BPW.get(wtype, 32.0))
+
+
+def other_shards(first: Path, r: gguf.GGUFReader) -> list[Path]:
+    """The remaining files of a split GGUF (llama.cpp's <prefix>-0000k-of-0000n.gguf); llama.cpp
+    itself finds them from the first one."""
+    f = r.fields.get("split.count")
+    count = int(f.parts[-1][0]) if f is not None else 1
+    m = re.fullmatch(r"(.*)-(\d{5})-of-(\d{5})\.gguf", first.name)
+    if count <= 1 or not m:
+        return []
+    paths = [first.with_name(f"{m.group(1)}-{i:05d}-of-{count:05d}.gguf") for i in range(2, count + 1)]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise XvqError(f"{first}: split GGUF is missing {', '.join(missing)}; put all shards in one folder")
+    return paths
 
 
 def _str_field(r: gguf.GGUFReader, key: str) -> str | None:
@@ -361,7 +378,8 @@ def quantize(source: Path | str, types: list[str], *, imatrix: str | Path | None
              progress: bool = True, log=print) -> list[Path]:
     """`xvq quantize gguf`: every type from one source, one imatrix shared by all of them."""
     from xvq.layout import DEFAULT_ROOT, Layout
-    qts = [parse_type(t) for t in types] or [parse_type("Q4_K_M")]
+    names = [t for spec in types for t in str(spec).replace(",", " ").split()]   # "--type Q4_K_M,Q8_0" too
+    qts = [parse_type(t) for t in names] or [parse_type("Q4_K_M")]
     if outfile is not None and len(qts) > 1:
         raise XvqError("--outfile names one file but several --type were given; use --outdir instead")
     parse_ggml_type(output_tensor_type, "--output-tensor-type")

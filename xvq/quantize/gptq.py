@@ -30,6 +30,7 @@ from xvq.errors import XvqError
 from xvq.fsio import atomic_output
 from xvq.models import family_for
 from xvq.models.base import Family
+from xvq.quantize import gptq_moe
 
 log = logging.getLogger("xvq.gptq")
 
@@ -41,8 +42,9 @@ CARRIED_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "
                  "generation_config.json")
 CARRIED_GLOBS = ("*.py", "LICENSE*", "NOTICE*", "*.tiktoken")
 # What GPTQModel re-saves of the tokenizer (replaced by the originals, or dropped when the source had none).
+# GPTQModel's generation_config.json is its "fixed" guess (it turns sampling on); only the source's own travels.
 RESAVED_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                           "added_tokens.json", "chat_template.jinja")
+                           "added_tokens.json", "chat_template.jinja", "generation_config.json")
 MIN_SEQ_TOKENS = 16
 OUTPUT_DTYPE = "float16"
 
@@ -52,7 +54,7 @@ class GptqSettings:
     """XVERSE's published GPTQ settings are the defaults (4-bit, g128, act-order, static groups,
     symmetric, true-sequential, damp 0.01)."""
     bits: int = 4
-    group_size: int = 128
+    group_size: int | None = None   # None: 128, halved until it divides every width (MoE experts)
     desc_act: bool = True
     static_groups: bool = True
     sym: bool = True
@@ -68,6 +70,8 @@ class GptqSettings:
     # slower there), float16 on CUDA. The output is float16 either way (XVERSE's GPTQ releases
     # are; vLLM's GPTQ kernels want it).
     calib_dtype: str = "auto"
+    # MoE: an expert routed fewer calibration tokens than this also sees every token (gptq_moe)
+    moe_min_tokens: int = 16
 
     def torch_calib_dtype(self):
         import torch
@@ -321,6 +325,11 @@ def check_damp(quant_log: list[dict], settings: GptqSettings, model_dir: Path) -
     return raised
 
 
+def xvq_version() -> str:
+    from xvq import __version__
+    return __version__
+
+
 def _prepare_environment() -> None:
     # GPTQModel sizes its CPU worker pool from this; without it a small machine oversubscribes.
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
@@ -337,6 +346,7 @@ def quantize_gptq(model_dir: Path | str, outdir: Path | str, settings: GptqSetti
     settings = settings or GptqSettings()
     config = read_config(model_dir)
     family = family_for(config, str(model_dir / "config.json"))
+    settings = gptq_moe.resolve_group_size(settings, linear_input_widths(family))
     check_settings(settings, family, model_dir)
     _prepare_environment()
     if texts is None:
@@ -351,7 +361,10 @@ def quantize_gptq(model_dir: Path | str, outdir: Path | str, settings: GptqSetti
     n_tokens = sum(len(s["input_ids"]) for s in seqs)
     log.info("GPTQ %d-bit g%d: %d calibration sequences, %d tokens", settings.bits, settings.group_size, len(seqs), n_tokens)
 
-    with atomic_output(outdir, is_dir=True) as tmp, tempfile.TemporaryDirectory(prefix="xvq-gptq-") as work:
+    # Staged shards and GPTQModel's offload folder live beside the output (same disk the user chose,
+    # hidden from Layout.gptqs()), not in /tmp, which may be small.
+    with atomic_output(outdir, is_dir=True) as tmp, \
+            tempfile.TemporaryDirectory(prefix=".xvq-gptq-work-", dir=outdir.parent) as work:
         work = Path(work)
         source = stage_as_safetensors(model_dir, work / "stage")
         cls = qmodel_class(family)
@@ -360,15 +373,19 @@ def quantize_gptq(model_dir: Path | str, outdir: Path | str, settings: GptqSetti
                                     dtype=settings.torch_calib_dtype())
         if on_model is not None:
             on_model(model)
-        model.quantize(seqs, batch_size=1, tokenizer=tokenizer)
+        with gptq_moe.expert_calibration(model.model, n_tokens,
+                                         gptq_moe.min_expert_tokens(n_tokens, settings.moe_min_tokens)) as experts:
+            model.quantize(seqs, batch_size=1, tokenizer=tokenizer)
         damp_raised = check_damp(model.quant_log, settings, model_dir)
-        model.save(str(tmp), max_shard_size=settings.max_shard_size)
+        model.save(str(tmp), max_shard_size=settings.max_shard_size, meta_quantizer=f"xvq:{xvq_version()}")
         quant_log = [dict(e) for e in model.quant_log]
         del model
         forbidden = [str(work), str(work.resolve()), str(tmp), str(tmp.resolve()), str(model_dir.resolve()),
                      str(outdir.resolve().parent)]
         cast_shards(tmp, OUTPUT_DTYPE)
         write_configs(tmp, model_dir, forbidden, OUTPUT_DTYPE)
+        if experts is not None:
+            gptq_moe.record_in_quantize_config(tmp, experts)
         carry_source_files(tmp, model_dir)
         assert_no_local_paths(tmp, forbidden)
     return GptqResult(outdir, len(seqs), n_tokens, quant_log, damp_raised)

@@ -28,7 +28,8 @@ def _check_size(ctx, param, value: str) -> str:
 @click.option("--name", default=None, help="Model name for the layout (default: the folder's name).")
 @click.option("--out-root", type=click.Path(path_type=Path), default=None, help="Layout root (default: out).")
 @click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), default="4", show_default=True)
-@click.option("--group-size", type=int, default=128, show_default=True, help="Columns per scale; -1: one per row.")
+@click.option("--group-size", type=int, default=None,
+              help="Columns per scale; -1: one per row. Default: 128, or the largest of 64/32 dividing every width (MoE experts).")
 @click.option("--desc-act/--no-desc-act", default=True, show_default=True,
               help="Quantize columns in order of decreasing activation (act-order).")
 @click.option("--static-groups/--no-static-groups", default=True, show_default=True,

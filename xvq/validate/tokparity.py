@@ -76,21 +76,50 @@ def hf_tokenizer(folder: Path | str, special: bool = False) -> tuple[Tokenize, C
                    f"point at the Hugging Face model folder")
 
 
-def llama_tokenizer(gguf_path: Path | str, special: bool = False) -> tuple[Tokenize, Callable[[int], str]]:
-    """llama.cpp's tokenizer of a GGUF (any GGUF: only the vocabulary is loaded)."""
-    import llama_cpp
-    path = Path(gguf_path)
-    if not path.is_file():
-        raise XvqError(f"{path}: GGUF not found; convert the model first")
-    try:
-        llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
-    except ValueError as e:
-        raise XvqError(f"{path}: llama.cpp cannot load its vocabulary ({e}); re-convert with xvq convert") from e
-    vocab = llm._model.vocab
+class LlamaVocab:
+    """llama.cpp's tokenizer of a GGUF (any GGUF: only the vocabulary is loaded and no context is
+    made, so even a 65B file costs nothing)."""
 
-    def piece(i: int) -> str:
-        return llama_cpp.llama_vocab_get_text(vocab, i).decode("utf-8", "replace")
-    return (lambda s: llm.tokenize(s.encode("utf-8"), add_bos=False, special=special)), piece
+    def __init__(self, gguf_path: Path | str):
+        import llama_cpp
+        from llama_cpp import _logger
+        path = Path(gguf_path)
+        if not path.is_file():
+            raise XvqError(f"{path}: GGUF not found; convert the model first")
+        self._lib = llama_cpp
+        level = _logger.logger.level
+        _logger.set_verbose(False)  # llama.cpp logs the whole vocabulary load otherwise
+        params = llama_cpp.llama_model_default_params()
+        params.vocab_only = True
+        self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        _logger.logger.setLevel(level)
+        if not self._model:
+            raise XvqError(f"{path}: llama.cpp cannot load its vocabulary; re-convert with xvq convert")
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+
+    def tokenize(self, text: str, special: bool = False) -> list[int]:
+        """add_bos=False: the Hugging Face reference is taken without special tokens too."""
+        data = text.encode("utf-8")
+        cap = len(data) + 16
+        while True:
+            buf = (self._lib.llama_token * cap)()
+            n = self._lib.llama_tokenize(self._vocab, data, len(data), buf, cap, False, special)
+            if n >= 0:
+                return list(buf[:n])
+            cap = -n
+
+    def piece(self, i: int) -> str:
+        return self._lib.llama_vocab_get_text(self._vocab, i).decode("utf-8", "replace")
+
+    def __del__(self):
+        if getattr(self, "_model", None):
+            self._lib.llama_model_free(self._model)
+            self._model = None
+
+
+def llama_tokenizer(gguf_path: Path | str, special: bool = False) -> tuple[Tokenize, Callable[[int], str]]:
+    v = LlamaVocab(gguf_path)
+    return (lambda s: v.tokenize(s, special)), v.piece
 
 
 # --- comparison --------------------------------------------------------------------------------
