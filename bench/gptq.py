@@ -199,12 +199,15 @@ def quantized_linear_names(model) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
 
 
+EVAL_DEVICE = "cpu"   # bench --device cuda evaluates on the GPU too
+
+
 def source_model(model_dir: Path):
     import torch
 
     import xvq  # noqa: F401
     from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(EVAL_DEVICE).eval()
 
 
 def rtn_model(model_dir: Path, bits: int, group_size: int):
@@ -233,7 +236,7 @@ def loaded_gptq_model(gptq_dir: Path):
     """The folder as users load it: transformers + GPTQModel's kernels (torch kernel on CPU)."""
     import xvq  # noqa: F401
     from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(gptq_dir, device_map="cpu").eval()
+    return AutoModelForCausalLM.from_pretrained(gptq_dir, device_map=EVAL_DEVICE).eval()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -457,6 +460,8 @@ def main() -> None:
     if args.worker:
         args.model = args.model[0]
         return worker(args)
+    global EVAL_DEVICE
+    EVAL_DEVICE = "cuda" if args.device == "cuda" else "cpu"
     with tempfile.TemporaryDirectory(prefix="xvq-bench-gptq-") as tmp:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)

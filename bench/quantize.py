@@ -84,10 +84,12 @@ def main(model, text, types, n_ctx, threads, eval_chunks):
             held = "\n\n".join(heldout_texts().values())
             text = tmp / "calib.txt"
             text.write_text(calib)
-        else:
-            calib = Path(text).read_text()
-            held = calib[len(calib) // 2:]
-        print(f"model {model.name}  ctx {n_ctx}  threads {threads}  calibration {len(calib)} chars\n")
+        else:   # first half calibrates, second half evaluates
+            full = Path(text).read_text()
+            calib, held = full[:len(full) // 2], full[len(full) // 2:]
+            text = tmp / "calib.txt"
+            text.write_text(calib)
+        print(f"model {model}  ctx {n_ctx}  threads {threads}  calibration {len(calib)} chars\n")
 
         # --- imatrix ---
         ours, t_ours = timed(compute_imatrix, f32, calib, dataset=str(text), n_ctx=n_ctx, n_threads=threads,

@@ -124,14 +124,16 @@ def copy_model(src: Path, dst: Path, config_update: dict | None = None) -> Path:
     return dst
 
 
-def small_model(tmp_path: Path, tok_dir: Path, family: str, fmt: str, dtype: str, sharded: bool, **cfg) -> Path:
+def small_model(tmp_path: Path, tok_dir: Path, family: str, fmt: str, dtype: str, sharded: bool, pad: int = 3,
+                **cfg) -> Path:
+    """A hidden-64 checkpoint saved as `fmt`/`dtype`; config vocab_size = tokenizer + `pad` rows."""
     from xvq.synth import make_checkpoint, tiny_config
     d = tmp_path / f"{family}-{fmt}-{dtype}-{'sharded' if sharded else 'single'}"
     d.mkdir()
     for f in tok_dir.iterdir():
         shutil.copy(f, d / f.name)
     config = tiny_config(family, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                         vocab_size=n_tokenizer(d) + 3, **cfg)
+                         vocab_size=n_tokenizer(d) + pad, **cfg)
     make_checkpoint(d, config, dtype=dtype, fmt=fmt, max_shard_size="100KB" if sharded else None, qk_scale=3.0)
     return d
 
@@ -207,37 +209,58 @@ def test_q8_0_is_llama_quantize_q8_0(tiny_llama_gqa, tmp_path):
         np.testing.assert_array_equal(a[name].data, b[name].data, err_msg=name)
 
 
-def test_wrong_rope_permutation_is_caught(tiny_llama_gqa, tmp_path, monkeypatch, parity_cache):
+@pytest.mark.parametrize("fixture", ["tiny_xverse", "tiny_llama_gqa"])
+def test_wrong_rope_permutation_is_caught(fixture, tmp_path, monkeypatch, parity_cache, request):
     """The parity check has teeth: q/k rows left in HF order (no permutation) must fail it widely."""
     import xvq.models.base as base
-    ref, good = parity_cache(tiny_llama_gqa, "f32")
+    model = request.getfixturevalue(fixture)
+    ref, good = parity_cache(model, "f32")
     monkeypatch.setattr(base, "rope_permute_rows", lambda n_rows, n_head: np.arange(n_rows))
-    f = convert(tiny_llama_gqa, tmp_path / "unpermuted.gguf", "f32", progress=False)[0]
-    bad = gguf_logits(f, token_ids(n_tokenizer(tiny_llama_gqa)))
+    f = convert(model, tmp_path / "unpermuted.gguf", "f32", progress=False)[0]
+    bad = gguf_logits(f, token_ids(n_tokenizer(model)))
     assert rel_max_diff(ref, good) <= 1e-3
-    assert rel_max_diff(ref, bad) > 30 * 1e-3
+    assert rel_max_diff(ref, bad) > 30 * 1e-3  # measured ~0.5 of the logit range
 
 
-def test_same_logits_as_llama_cpp_converter(tmp_path):
-    """llama.cpp's convert_hf_to_gguf.py (with its own gguf-py) on the same checkpoint gives a
-    file that llama.cpp scores the same as xvq's."""
+def llama_cpp_convert(model: Path, out: Path, outtype: str = "f32") -> Path:
+    """llama.cpp's convert_hf_to_gguf.py, run with its own gguf-py."""
     from xvq import anchors
-    model = shared("stories260K-hf")
-    script = anchors.convert_script()
-    theirs = tmp_path / "theirs.gguf"
     env = os.environ | {"PYTHONPATH": str(anchors.gguf_py())}
-    proc = subprocess.run([sys.executable, str(script), str(model), "--outtype", "f32", "--outfile", str(theirs)],
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(anchors.convert_script()), str(model), "--outtype", outtype,
+                           "--outfile", str(out)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    ours = convert(model, tmp_path / "ours.gguf", "f32", progress=False)[0]
-    ids = token_ids(512, 100, seed=2)
-    a, b = gguf_logits(theirs, ids), gguf_logits(ours, ids)
-    assert rel_max_diff(a, b) <= 1e-5
-    # and tensor for tensor: the same names, shapes and f32 data
+    return out
+
+
+def assert_same_gguf_tensors(theirs: Path, ours: Path) -> None:
     ta, tb = gguf_tensor_data(theirs), gguf_tensor_data(ours)
     assert sorted(ta) == sorted(tb)
     for name in ta:
         np.testing.assert_array_equal(ta[name], tb[name], err_msg=name)
+
+
+def test_same_logits_as_llama_cpp_converter(tmp_path):
+    """llama.cpp's convert_hf_to_gguf.py on the same (trained, GQA) LLaMA checkpoint gives a
+    file that llama.cpp scores the same as xvq's, tensor for tensor."""
+    model = shared("stories260K-hf")
+    theirs = llama_cpp_convert(model, tmp_path / "theirs.gguf")
+    ours = convert(model, tmp_path / "ours.gguf", "f32", progress=False)[0]
+    ids = token_ids(512, 100, seed=2)
+    assert rel_max_diff(gguf_logits(theirs, ids), gguf_logits(ours, ids)) <= 1e-6
+    assert_same_gguf_tensors(theirs, ours)
+
+
+def test_xverse_same_tensors_as_llama_cpp_converter(tmp_path, xverse_tokenizer_dir):
+    """XVERSE (arch `xverse`) too. Unpadded vocabulary: llama.cpp's XVERSE converter stops with
+    a KeyError on rows past the tokenizer, which is why the padded fixture cannot be used here."""
+    d = small_model(tmp_path, xverse_tokenizer_dir, "xverse", "safetensors", "bfloat16", False, pad=0)
+    n_tok = n_tokenizer(d)
+    theirs = llama_cpp_convert(d, tmp_path / "theirs.gguf")
+    ours = convert(d, tmp_path / "ours.gguf", "f32", progress=False)[0]
+    assert gguf.GGUFReader(theirs).fields["general.architecture"].contents() == "xverse"
+    assert_same_gguf_tensors(theirs, ours)
+    ids = token_ids(n_tok)
+    assert rel_max_diff(gguf_logits(theirs, ids), gguf_logits(ours, ids)) <= 1e-6
 
 
 # --- checkpoints as they ship ----------------------------------------------------------------------
@@ -280,21 +303,24 @@ def test_pickle_is_loaded_weights_only(tmp_path, tiny_xverse):
     import torch
     from xvq.errors import XvqError
     d = copy_model(tiny_xverse, tmp_path / "evil")
+    marker = tmp_path / "code-ran"
     shard = d / "pytorch_model-00001-of-00002.bin"
     state = torch.load(shard, weights_only=True)
-    state["payload"] = _Exploit()
+    state["payload"] = _Exploit(marker)
     torch.save(state, shard)
     with pytest.raises(XvqError, match="pytorch_model-00001-of-00002.bin"):
         convert(d, tmp_path / "out.gguf", "f32", progress=False)
-    assert not _EXPLOITED
-
-
-_EXPLOITED: list = []
+    assert not marker.exists()
+    torch.load(shard, weights_only=False)  # the payload is live: unrestricted unpickling runs it
+    assert marker.exists()
 
 
 class _Exploit:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
     def __reduce__(self):
-        return (_EXPLOITED.append, ("ran",))
+        return (Path.touch, (self.marker,))
 
 
 def test_pickle_is_memory_mapped(tiny_xverse, monkeypatch):
@@ -541,3 +567,27 @@ def test_bf16_to_f16_table_is_numpy_rounding():
         want = (bits << 16).view(np.float32).astype(np.float16)
     got = encode(bits.astype(np.uint16).reshape(256, 256), QT.F16, "BF16").reshape(-1)
     assert np.array_equal(got.view(np.uint16), want.view(np.uint16))
+
+
+def test_tied_embeddings_llama(tmp_path, xverse_tokenizer_dir):
+    """A LLaMA with tie_word_embeddings (no lm_head in the checkpoint): llama.cpp reuses
+    token_embd as the output matrix and scores the same as transformers."""
+    d = small_model(tmp_path, xverse_tokenizer_dir, "llama", "safetensors", "float32", False, tie_word_embeddings=True)
+    f = convert(d, tmp_path / "tied.gguf", "f32", progress=False)[0]
+    assert "output.weight" not in {t.name for t in gguf.GGUFReader(f).tensors}
+    ids = token_ids(n_tokenizer(d))
+    assert rel_max_diff(hf_logits(d, ids), gguf_logits(f, ids)) <= 1e-5
+
+
+def test_both_formats_shipped_reads_safetensors(tmp_path, xverse_tokenizer_dir, monkeypatch):
+    """A repository with model.safetensors and sharded pytorch_model-*.bin (+ index) is read
+    from the safetensors: torch.load is never called."""
+    import torch
+    from xvq.checkpoint import weight_files
+    from xvq.synth import save_pickle_shards
+    d = small_model(tmp_path, xverse_tokenizer_dir, "llama", "safetensors", "bfloat16", False)
+    from safetensors.torch import load_file
+    save_pickle_shards(load_file(d / "model.safetensors"), d, n_shards=2)
+    assert [p.name for p in weight_files(d)] == ["model.safetensors"]
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("unpickled a .bin"))
+    assert convert(d, tmp_path / "m.gguf", "f16", progress=False)[0].is_file()

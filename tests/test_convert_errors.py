@@ -293,3 +293,19 @@ def test_resplitting_replaces_the_earlier_files(model, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["model.gguf", "other-model.gguf"]
     assert run_convert(model, out, "--split-max-size", "1M").exit_code == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(shards + ["other-model.gguf"])
+
+
+def test_outfile_is_a_folder(model, tmp_path):
+    target = tmp_path / "out" / "model.gguf"
+    target.mkdir(parents=True)
+    (target / "keep.txt").write_text("x")
+    msg = error_line(run_convert(model, tmp_path / "out"))
+    assert str(target) in msg and "folder" in msg
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.gguf"]
+    assert (target / "keep.txt").read_text() == "x"
+
+
+def test_unknown_chat_template(model, tmp_path):
+    msg = error_line(run_convert(model, tmp_path / "out", "--chat-template", "chatml-please"))
+    assert "chatml-please" in msg and "xverse" in msg
+    assert_nothing_written(tmp_path / "out")

@@ -124,7 +124,18 @@ def test_xverse_int4_folder(xverse_src, xverse_int4):
     for f in xverse_int4.iterdir():
         text = f.read_text(errors="replace") if f.suffix in (".json", ".csv") else ""
         assert "/tmp" not in text and str(xverse_src) not in text and "xvq-gptq-" not in text, f.name
-    assert not list(xverse_int4.parent.glob(".*xvq-tmp*"))
+    assert not list(xverse_int4.parent.glob(".*xvq-tmp*")) and not list(xverse_int4.parent.glob(".xvq-gptq-work*"))
+
+
+def test_xverse_int4_deterministic(xverse_src, xverse_int4, tmp_path):
+    """Same seed and text -> the same weights, byte for byte (quant_log.csv differs in timings only)."""
+    from xvq.quantize.gptq import GptqSettings, quantize_gptq
+    again = tmp_path / "again"
+    quantize_gptq(xverse_src, again, GptqSettings(max_shard_size="1MB", **CALIB), texts=corpus_texts(heldout=False))
+    shards = sorted(p.name for p in xverse_int4.glob("*.safetensors"))
+    assert shards == sorted(p.name for p in again.glob("*.safetensors"))
+    for name in shards + ["config.json", "quantize_config.json", "model.safetensors.index.json"]:
+        assert (again / name).read_bytes() == (xverse_int4 / name).read_bytes(), name
 
 
 # ---------------------------------------------------------------- LLaMA 8-bit through the CLI

@@ -175,3 +175,16 @@ def test_moe_quantizes_byte_identically_to_llama_quantize(tiny_moe, moe_ref, tmp
     ours = quantize_file(model, tmp_path / "ours.gguf", "Q4_K_M", imatrix=Imatrix.load(moe_ref),
                          n_threads=THREADS, progress=False)
     assert ours.read_bytes() == ref.read_bytes()
+
+
+def test_cli_imatrix_file_agrees_with_llama_imatrix(stories, stories_ref, tmp_path):
+    from click.testing import CliRunner
+    from xvq.cli import main
+    model, text = stories
+    out = tmp_path / "cli.imatrix.gguf"
+    r = CliRunner().invoke(main, ["quantize", "imatrix", str(model), "-o", str(out), "--calib-file", str(text),
+                                  "--ctx", str(N_CTX), "--threads", str(THREADS)])
+    assert r.exit_code == 0, r.output
+    im, ref = Imatrix.load(out), Imatrix.load(stories_ref)
+    assert_agrees_with_llama_imatrix(im, ref)
+    assert im.datasets == ref.datasets

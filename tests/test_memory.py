@@ -71,7 +71,7 @@ def models(tmp_path_factory, xverse_tokenizer_dir) -> dict[int, Path]:
 # The same CLI with encode() patched to keep every converted block alive: what a converter that
 # is not streaming does. It proves the measurement sees growth when there is growth.
 LEAKY = ("import sys, xvq.convert.writer as w; kept = []; enc = w.encode\n"
-         "def keep(rows, qtype):\n    kept.append(enc(rows, qtype)); return kept[-1]\n"
+         "def keep(*args):\n    kept.append(enc(*args)); return kept[-1]\n"
          "w.encode = keep\nfrom xvq.cli import main; main()")
 
 

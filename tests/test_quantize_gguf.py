@@ -78,14 +78,20 @@ def test_types_are_llama_quantize_s():
 
 # --- parity with llama-quantize ------------------------------------------------------------------
 
-@pytest.mark.parametrize("qtype", ["Q4_K_M", "Q2_K", "IQ2_M"])
-def test_byte_identical_to_llama_quantize_with_the_same_imatrix(stories, stories_imatrix, tmp_path, qtype):
+@pytest.mark.parametrize("qtype,embd,out", [("Q4_K_M", None, None), ("Q2_K", None, None), ("IQ2_M", None, None),
+                                            ("Q3_K_S", "q8_0", "f16")])
+def test_byte_identical_to_llama_quantize_with_the_same_imatrix(stories, stories_imatrix, tmp_path, qtype, embd,
+                                                                 out):
     model, _ = stories
     ref = tmp_path / "ref.gguf"
-    subprocess.run([str(anchor("llama-quantize")), "--imatrix", str(stories_imatrix), str(model), str(ref),
+    extra = (["--token-embedding-type", embd] if embd else []) + (["--output-tensor-type", out] if out else [])
+    subprocess.run([str(anchor("llama-quantize")), "--imatrix", str(stories_imatrix), *extra, str(model), str(ref),
                     qtype, str(THREADS)], check=True, capture_output=True)
     ours = quantize_file(model, tmp_path / "ours.gguf", qtype, imatrix=Imatrix.load(stories_imatrix),
-                         n_threads=THREADS, progress=False)
+                         token_embedding_type=embd, output_tensor_type=out, n_threads=THREADS, progress=False)
+    if embd:
+        assert tensors_of(ours)["token_embd.weight"][0] == embd.upper()
+        assert tensors_of(ours)["output.weight"][0] == out.upper()
     assert tensors_of(ours) == tensors_of(ref)
     assert kv(ours, "quantize.") == kv(ref, "quantize.") == {
         "quantize.imatrix.file": str(stories_imatrix), "quantize.imatrix.dataset": "calib.txt",
@@ -142,12 +148,26 @@ def test_kld_falls_with_bits_and_imatrix_lowers_it_stories260k(stories, tmp_path
     assert ladder[2] < k("Q4_K_M", imatrix=False)
 
 
+def weighted_errors(model: Path, quant: Path, im: Imatrix) -> dict[str, float]:
+    """Per imatrix tensor: sum_j E[x_j^2] * ||W[:, j] - Q(W)[:, j]||^2, the activation-weighted
+    reconstruction error that the importance matrix asks llama.cpp's quantizer to minimise."""
+    ref = {t.name: t for t in gguf.GGUFReader(model).tensors}
+    out = {}
+    for t in gguf.GGUFReader(quant).tensors:
+        if t.name in im.sums:
+            cols = int(t.shape[0])
+            w = np.asarray(ref[t.name].data, np.float32).reshape(-1, cols)
+            q = gguf.quants.dequantize(t.data, t.tensor_type).reshape(-1, cols)
+            out[t.name] = float((((q - w) ** 2) * im.values()[t.name]).sum())
+    return out
+
+
 def test_kld_falls_with_bits_and_imatrix_lowers_it_demo_model(tmp_path):
     """The demo model (hidden 256: real k-quants), calibrated on xvq's calibration set, evaluated
-    on its held-out split. The imatrix never touches token_embd (a row lookup, not a matmul), whose
-    Q2_K error dominates at low bits, so its effect is measured with token_embd held at q8_0.
-    (At Q2_K the imatrix lowers every tensor's activation-weighted error on this model but not the
-    KLD: measured, reported, not asserted.)"""
+    on its held-out split: KLD falls strictly along the ladder. What the imatrix optimises, the
+    activation-weighted error of every weight, falls with it at Q2_K and Q4_K_M. (The end-to-end
+    KLD of this small demo model moves by only about ±5% with the imatrix, either way depending
+    on the training run, so it is measured by bench/quantize.py, not asserted here.)"""
     from xvq.calib_data import heldout_texts, sample
     from xvq.convert import convert
     if not (DEMO / "config.json").is_file():
@@ -158,7 +178,12 @@ def test_kld_falls_with_bits_and_imatrix_lowers_it_demo_model(tmp_path):
                  "\n\n".join(heldout_texts().values()), tmp_path)
     ladder = [k(t, imatrix=True) for t in LADDER]
     assert all(a > b for a, b in zip(ladder, ladder[1:])), ladder
-    assert k("Q4_K_M", True, "q8_0") < k("Q4_K_M", False, "q8_0")
+    for t in ("Q2_K", "Q4_K_M"):
+        plain = quantize_file(model, tmp_path / f"{t}-plain.gguf", t, n_threads=THREADS, progress=False)
+        e_plain = weighted_errors(model, plain, k.im)
+        e_im = weighted_errors(model, tmp_path / f"{t}-True-None.gguf", k.im)
+        assert e_plain and all(e_im[n] < e_plain[n] for n in e_plain), (t, e_plain, e_im)
+        assert sum(e_im.values()) < sum(e_plain.values()), t
 
 
 # --- the command ---------------------------------------------------------------------------------
@@ -237,3 +262,19 @@ def test_requantize_from_q8_0_is_allowed_downwards(stories, tmp_path):
     subprocess.run([str(anchor("llama-quantize")), "--allow-requantize", str(q8), str(ref), "Q4_K_M", str(THREADS)],
                    check=True, capture_output=True)
     assert tensors_of(ours) == tensors_of(ref)
+
+
+def test_header_reader_agrees_with_gguf_py(stories, stories_imatrix, tmp_path):
+    """xvq's array-skipping header reader against gguf-py's full reader."""
+    from xvq.quantize.gguf import read_header
+    model, _ = stories
+    q = quantize_file(model, tmp_path / "q.gguf", "Q4_K_M", imatrix=Imatrix.load(stories_imatrix),
+                      n_threads=THREADS, progress=False)
+    for path in (model, q):
+        ref = gguf.GGUFReader(path)
+        ours = read_header(path)
+        assert ours.tensors == {t.name: (tuple(int(x) for x in t.shape), int(t.tensor_type)) for t in ref.tensors}
+        scalars = {k: f.contents() for k, f in ref.fields.items()
+                   if not k.startswith("GGUF.") and f.types[0] != gguf.GGUFValueType.ARRAY}
+        assert {k: ours.kv[k] for k in scalars} == pytest.approx(scalars)
+        assert set(ours.kv) == set(scalars)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from tests.conftest import FALLBACK_TEXT, shared
+from tests.conftest import DEMO, FALLBACK_TEXT, shared
 from xvq import anchors
 from xvq.cli import main
 from xvq.convert import convert
@@ -200,6 +200,31 @@ def test_corrupted_cjk_rows_fail_chinese_only(tiny_xverse, xverse_ggufs, tmp_pat
                 "kld_p99", "top1_agreement", "per_language", "token_mismatch_rate", "passed", "reasons"}
     assert required <= set(data["artifacts"][0])
     assert data["artifacts"][0]["bpw"] == pytest.approx(32.0)
+
+
+def test_demo_model_heldout_cjk_corruption(tmp_path):
+    """The trained multilingual demo model on the calibration set's held-out split: scrambling CJK
+    embedding rows leaves English untouched and breaks Chinese, per language."""
+    if not (DEMO / "config.json").is_file():
+        pytest.skip("the demo model (xvq/demo/model) is not built")
+    pytest.importorskip("xvq.calib_data")
+    clean = convert(DEMO, tmp_path / "demo-f32.gguf", "f32", progress=False)[0]
+    ids = cjk_token_ids(DEMO)
+
+    def scramble(emb):
+        emb[ids] = -emb[ids][np.random.RandomState(0).permutation(len(ids))]
+    broken = tmp_path / "demo-cjk-broken.gguf"
+    rewrite_tensor(clean, broken, "token_embd.weight", scramble)
+    report = validate(DEMO, [clean, broken], heldout=True, ctx=128, max_tokens=384, report_dir=tmp_path / "rep",
+                      thresholds={"max_token_mismatch": 1.0}, progress=False)
+    c, b = report.entry(clean), report.entry(broken)
+    assert {"en", "zh", "code"} <= set(c["per_language"])
+    assert any(m is None for m in c["per_language"].values())      # short held-out languages: n/a
+    assert c["passed"], c["reasons"]
+    en, zh = b["per_language"]["en"], b["per_language"]["zh"]
+    assert en["passed"] and en["ppl_ratio"] == pytest.approx(1.0, abs=1e-3)
+    assert not zh["passed"] and zh["ppl_ratio"] > 2 and zh["kld_mean"] > 0.5
+    assert not b["passed"] and any(r.startswith("zh:") for r in b["reasons"])
 
 
 # --- bad input and the CLI gate ---------------------------------------------------------------

@@ -35,8 +35,10 @@ def read_config(folder: Path) -> dict:
 
 
 def weight_files(folder: Path) -> list[Path]:
-    """The checkpoint's shards, from its index when it has one."""
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+    """The checkpoint's shards, from its index when it has one. Repositories that ship both
+    formats are read from safetensors (no unpickling, no torch)."""
+    for index_name, patterns in (("model.safetensors.index.json", ("model.safetensors", "model-*.safetensors")),
+                                 ("pytorch_model.bin.index.json", ("pytorch_model.bin", "pytorch_model-*.bin"))):
         index = folder / index_name
         if index.is_file():
             names = sorted(set(_index_weight_map(index).values()))
@@ -45,11 +47,11 @@ def weight_files(folder: Path) -> list[Path]:
                 raise XvqError(f"{folder / missing[0]}: named by {index_name} but missing; "
                                f"download every shard ({len(missing)} missing)")
             return [folder / n for n in names]
-    for pattern in ("model.safetensors", "model-*.safetensors", "pytorch_model.bin", "pytorch_model-*.bin"):
-        found = sorted(folder.glob(pattern))
-        if found:
-            _check_shard_series(folder, found)
-            return found
+        for pattern in patterns:
+            found = sorted(folder.glob(pattern))
+            if found:
+                _check_shard_series(folder, found)
+                return found
     raise XvqError(f"{folder}: no weights found (model.safetensors, *.safetensors with index, or "
                    f"pytorch_model*.bin); point at the checkpoint folder")
 

@@ -81,6 +81,8 @@ def convert(model_dir: Path | str, outfile: Path | str, outtype: str = "f16", *,
     outtype = outtype.lower()
     if outtype not in OUTTYPES:
         raise XvqError(f"--outtype {outtype}: unknown; use one of {', '.join(OUTTYPES)}")
+    if outfile.is_dir():
+        raise XvqError(f"{outfile}: is a folder; give --outfile a file name ending in .gguf")
     try:
         max_shard = parse_size(split_max_size)
     except ValueError as e:
@@ -95,7 +97,9 @@ def convert(model_dir: Path | str, outfile: Path | str, outtype: str = "f16", *,
 
     w = StreamingWriter(path=None, arch=fam.gguf_arch, split_max_size=max_shard)
     write_metadata(w, fam, name, outtype, parameter_counts(fam, tensors))
-    add_vocab(w, model_dir, fam.hp.n_vocab, fam.vocab_kind)
+    vocab = add_vocab(w, model_dir, fam.hp.n_vocab, fam.vocab_kind)
+    for note in vocab.get("notes", []):
+        tqdm.write(f"vocab: {note}")
     template = resolve_chat_template(fam, model_dir, name, chat_template)
     # an explicit --chat-template wins over the tokenizer's own; the family default does not
     if template and (chat_template or gguf.Keys.Tokenizer.CHAT_TEMPLATE not in w.kv_data[0]):

@@ -58,7 +58,7 @@ def heldout_loss(model, ids, seq: int, device: str) -> float:
 @click.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path(__file__).parent / "model")
 @click.option("--steps", default=800, show_default=True)
-@click.option("--seq", default=256, show_default=True)
+@click.option("--seq", default=512, show_default=True)
 @click.option("--batch", default=16, show_default=True)
 @click.option("--lr", default=1e-3, show_default=True)
 @click.option("--seed", default=0, show_default=True)

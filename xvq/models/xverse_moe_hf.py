@@ -47,8 +47,9 @@ def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.
 
 
 class XverseMoeBlock(nn.Module):
-    # Set only while GPTQ calibrates (xvq.quantize.gptq_moe): called with (block, chosen expert
-    # ids) and returns the experts that must also see every token of the batch.
+    # Set only while GPTQ calibrates (xvq.quantize.gptq_moe): called as hook(block, x, chosen
+    # expert ids) after the experts ran; it may run starved experts on more tokens for their
+    # statistics, never touching the output.
     calibration_hook = None
 
     def __init__(self, config, layer_idx: int = 0):
@@ -67,15 +68,16 @@ class XverseMoeBlock(nn.Module):
         x = hidden_states.reshape(-1, shape[-1])
         weights, chosen = route(self.router(x), self.top_k)
         out = torch.zeros_like(x)
-        forced = set(self.calibration_hook(self, chosen)) if self.calibration_hook is not None else set()
         # Loop over the experts that received tokens (each sees only its tokens, as in serving),
-        # so calibration hooks on an expert's Linear layers see exactly its routed inputs. A forced
-        # (calibration-starved) expert runs on every token for its statistics; only its own
-        # tokens' rows enter the output, which is therefore unchanged.
-        for e in sorted(set(torch.unique(chosen).tolist()) | forced):
-            token, slot = torch.where(chosen == e)
-            y = self.experts[e](x)[token] if e in forced else self.experts[e](x[token])
-            out.index_add_(0, token, y * weights[token, slot, None].to(x.dtype))
+        # so calibration hooks on an expert's Linear layers see exactly its routed inputs.
+        try:
+            for e in torch.unique(chosen).tolist():
+                token, slot = torch.where(chosen == e)
+                y = self.experts[e](x[token]) * weights[token, slot, None].to(x.dtype)
+                out.index_add_(0, token, y)
+        finally:   # also when GPTQModel stops the forward early after its last hooked module
+            if self.calibration_hook is not None:
+                self.calibration_hook(self, x, chosen)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out.reshape(shape)

@@ -28,7 +28,7 @@ def quantize_group():
 @click.option("--out-root", type=click.Path(path_type=Path), default=None, help="Layout root (default: out).")
 @click.option("--calib-file", type=click.Path(path_type=Path), default=None,
               help="Measure the imatrix on this text instead of xvq's calibration set.")
-@click.option("--calib-tokens", type=int, default=None, help="Calibration budget in tokens (default 51200).")
+@click.option("--calib-tokens", type=int, default=None, help="Calibration budget in tokens (default 65536).")
 @click.option("--ctx", "n_ctx", type=int, default=512, show_default=True, help="imatrix chunk size in tokens.")
 @click.option("--threads", type=int, default=0, help="Threads (default: all cores).")
 def gguf_cmd(source, types, imatrix, outdir, outfile, output_tensor_type, token_embedding_type, name, out_root,
@@ -42,6 +42,29 @@ def gguf_cmd(source, types, imatrix, outdir, outfile, output_tensor_type, token_
              output_tensor_type=output_tensor_type, token_embedding_type=token_embedding_type,
              calib_file=calib_file, calib_tokens=calib_tokens or DEFAULT_CALIB_TOKENS, n_ctx=n_ctx,
              n_threads=threads, log=click.echo)
+
+
+@quantize_group.command("imatrix")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
+              help="imatrix file (default: the layout's imatrix/<name>.imatrix.gguf).")
+@click.option("--name", default=None, help="Model name for the layout.")
+@click.option("--out-root", type=click.Path(path_type=Path), default=None, help="Layout root (default: out).")
+@click.option("--calib-file", type=click.Path(path_type=Path), default=None, help="Text to measure on.")
+@click.option("--calib-tokens", type=int, default=None, help="Calibration budget in tokens (default 65536).")
+@click.option("--ctx", "n_ctx", type=int, default=512, show_default=True, help="Chunk size in tokens.")
+@click.option("--threads", type=int, default=0, help="Threads (default: all cores).")
+def imatrix_cmd(source, output, name, out_root, calib_file, calib_tokens, n_ctx, threads):
+    """Measure an importance matrix for SOURCE (GGUF or model folder) in llama.cpp's GGUF imatrix
+    format, to reuse with `xvq quantize gguf --imatrix FILE` or llama-quantize --imatrix."""
+    from xvq.quantize.gguf import DEFAULT_CALIB_TOKENS, calibration, layout_for, resolve_source
+    from xvq.quantize.imatrix import compute_imatrix
+    layout = layout_for(source, name, out_root)
+    src, model_dir = resolve_source(source, layout)
+    calib = calibration(calib_file, budget_tokens=calib_tokens or DEFAULT_CALIB_TOKENS, tokenizer_dir=model_dir)
+    im = compute_imatrix(src, calib.text, dataset=calib.dataset, n_ctx=n_ctx, n_threads=threads or None)
+    out = im.save(output or layout.imatrix())
+    click.echo(f"wrote {out} ({len(im)} entries, {im.chunk_count} chunks of {n_ctx})")
 
 
 def _register_optional(module: str, attr: str) -> None:

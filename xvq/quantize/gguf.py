@@ -16,7 +16,6 @@ from xvq.errors import XvqError
 from xvq.fsio import atomic_output
 from xvq.quantize.imatrix import Imatrix
 
-QT = gguf.GGMLQuantizationType
 GGML_LOG_LEVEL_ERROR = 4
 
 
@@ -113,31 +112,99 @@ def read_source(path: Path | str) -> SourceInfo:
     path = Path(path)
     if not path.is_file():
         raise XvqError(f"{path}: file not found; give a GGUF file or a model folder")
+    header = read_header(path)
+    gtype = header.kv.get("general.type")
+    if gtype and gtype != "model":
+        raise XvqError(f"{path}: a GGUF of type '{gtype}', not a model; give the model's f16/f32 GGUF")
+    if "general.architecture" not in header.kv:
+        raise XvqError(f"{path}: GGUF without general.architecture, not a model; give the model's f16/f32 GGUF")
+    infos = dict(header.tensors)
+    for shard in other_shards(path, int(header.kv.get("split.count") or 1)):
+        infos |= read_header(shard).tensors
+    tensors = {n: shape for n, (shape, _) in infos.items()}
+    weights = Counter(gguf.GGMLQuantizationType(t).name for shape, t in infos.values() if len(shape) >= 2)
+    wtype = weights.most_common(1)[0][0] if weights else "F32"
+    return SourceInfo(path, header.kv.get("general.name"), tensors, wtype, TYPE_BPW.get(wtype, 32.0))
+
+
+@dataclass
+class GgufHeader:
+    kv: dict[str, object]                               # scalars and strings (arrays skipped)
+    tensors: dict[str, tuple[tuple[int, ...], int]]     # name -> (ggml shape, ggml type)
+
+
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+
+
+def read_header(path: Path) -> GgufHeader:
+    """GGUF metadata and tensor infos without materialising arrays (gguf-py's reader builds every
+    vocabulary entry: seconds for a 100k vocabulary, several times per run)."""
+    import mmap
+    import struct
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise XvqError(f"{path}: not a GGUF file; give a GGUF (xvq convert MODEL_DIR makes one) or a model folder")
+        try:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except ValueError as e:
+            raise XvqError(f"{path}: damaged GGUF; convert the model again") from e
+    pos = 4
+
+    def take(fmt: str):
+        nonlocal pos
+        v = struct.unpack_from("<" + fmt, mm, pos)
+        pos += struct.calcsize("<" + fmt)
+        return v[0] if len(v) == 1 else v
+
+    def string() -> str:
+        nonlocal pos
+        n = take("Q")
+        pos += n
+        if pos > len(mm):
+            raise ValueError("truncated string")
+        return bytes(mm[pos - n:pos]).decode("utf-8", "replace")
+
+    def value(vtype: int):
+        nonlocal pos
+        if vtype in _SCALARS:
+            return take(_SCALARS[vtype])
+        if vtype == _STRING:
+            return string()
+        if vtype == _ARRAY:
+            etype, count = take("IQ")
+            if etype in _SCALARS:
+                pos += struct.calcsize("<" + _SCALARS[etype]) * count
+            else:
+                for _ in range(count):
+                    value(etype)
+            return None
+        raise ValueError(f"unknown value type {vtype}")
+
     try:
-        r = gguf.GGUFReader(path)
-    except Exception as e:
+        version, n_tensors, n_kv = take("IQQ")
+        if version < 2:
+            raise ValueError(f"version {version} is too old")
+        kv = {}
+        for _ in range(n_kv):
+            key = string()
+            kv[key] = value(take("I"))
+        tensors = {}
+        for _ in range(n_tensors):
+            name = string()
+            shape = tuple(take("Q") for _ in range(take("I")))
+            tensors[name] = (shape, take("I"))
+            take("Q")   # data offset
+    except (struct.error, ValueError) as e:
         raise XvqError(f"{path}: damaged GGUF ({e}); convert the model again") from e
-    gtype = _str_field(r, "general.type")
-    if gtype and gtype != "model":
-        raise XvqError(f"{path}: a GGUF of type '{gtype}', not a model; give the model's f16/f32 GGUF")
-    if "general.architecture" not in r.fields:
-        raise XvqError(f"{path}: GGUF without general.architecture, not a model; give the model's f16/f32 GGUF")
-    readers = [r] + [gguf.GGUFReader(p) for p in other_shards(path, r)]
-    infos = [t for rr in readers for t in rr.tensors]
-    tensors = {t.name: tuple(int(x) for x in t.shape) for t in infos}
-    weights = Counter(t.tensor_type.name for t in infos if len(t.shape) >= 2)
-    wtype = weights.most_common(1)[0][0] if weights else "F32"
-    return SourceInfo(path, _str_field(r, "general.name"), tensors, wtype, TYPE_BPW.get(wtype, 32.0))
+    finally:
+        mm.close()
+    return GgufHeader({k: v for k, v in kv.items() if v is not None}, tensors)
 
 
-def other_shards(first: Path, r: gguf.GGUFReader) -> list[Path]:
+def other_shards(first: Path, count: int) -> list[Path]:
     """The remaining files of a split GGUF (llama.cpp's <prefix>-0000k-of-0000n.gguf); llama.cpp
     itself finds them from the first one."""
-    f = r.fields.get("split.count")
-    count = int(f.parts[-1][0]) if f is not None else 1
     m = re.fullmatch(r"(.*)-(\d{5})-of-(\d{5})\.gguf", first.name)
     if count <= 1 or not m:
         return []
@@ -146,13 +213,6 @@ def other_shards(first: Path, r: gguf.GGUFReader) -> list[Path]:
     if missing:
         raise XvqError(f"{first}: split GGUF is missing {', '.join(missing)}; put all shards in one folder")
     return paths
-
-
-def _str_field(r: gguf.GGUFReader, key: str) -> str | None:
-    f = r.fields.get(key)
-    if f is None:
-        return None
-    return bytes(f.parts[f.data[0]]).decode("utf-8", "replace")
 
 
 def check_requantize(src: SourceInfo, qt: QuantType) -> bool:
@@ -293,7 +353,7 @@ def quantize_file(src: Path | str, out: Path | str, qtype: str | QuantType, *, i
 # The `xvq quantize gguf` pipeline: source → (imatrix) → one file per type
 # ----------------------------------------------------------------------------------------------
 
-DEFAULT_CALIB_TOKENS = 100 * 512   # llama-imatrix's usual 100 chunks of 512
+DEFAULT_CALIB_TOKENS = 65536   # = xvq.calib_data.DEFAULT_TOKENS: 128 chunks of 512
 
 
 @dataclass
@@ -370,6 +430,19 @@ def resolve_imatrix(spec: str | Path | None, src_gguf: Path, types: list[QuantTy
     return im
 
 
+def layout_for(source: Path | str, name: str | None, out_root: Path | str | None):
+    """The layout of a model folder (its name) or of a GGUF (--name, else general.name, else the
+    file stem without its f16/f32/bf16/q8_0 suffix)."""
+    from xvq.layout import DEFAULT_ROOT, Layout
+    source = Path(source)
+    if source.is_dir():
+        return Layout.for_model(source, name, out_root)
+    info = read_source(source)
+    stem = re.sub(r"(-\d{5}-of-\d{5})?$", "", source.stem)
+    stem = re.sub(r"-(f32|f16|bf16|q8_0)$", "", stem, flags=re.I)
+    return Layout(name or info.name or stem, Path(out_root) if out_root else DEFAULT_ROOT)
+
+
 def quantize(source: Path | str, types: list[str], *, imatrix: str | Path | None = "auto",
              outdir: Path | None = None, outfile: Path | None = None, name: str | None = None,
              out_root: Path | None = None, output_tensor_type: str | None = None,
@@ -377,28 +450,22 @@ def quantize(source: Path | str, types: list[str], *, imatrix: str | Path | None
              calib_tokens: int = DEFAULT_CALIB_TOKENS, n_ctx: int = 512, n_threads: int = 0,
              progress: bool = True, log=print) -> list[Path]:
     """`xvq quantize gguf`: every type from one source, one imatrix shared by all of them."""
-    from xvq.layout import DEFAULT_ROOT, Layout
     names = [t for spec in types for t in str(spec).replace(",", " ").split()]   # "--type Q4_K_M,Q8_0" too
     qts = [parse_type(t) for t in names] or [parse_type("Q4_K_M")]
     if outfile is not None and len(qts) > 1:
         raise XvqError("--outfile names one file but several --type were given; use --outdir instead")
     parse_ggml_type(output_tensor_type, "--output-tensor-type")
     parse_ggml_type(token_embedding_type, "--token-embedding-type")
-    src_path = Path(source)
-    if src_path.is_dir():
-        layout = Layout.for_model(src_path, name, out_root)
-    else:
-        info = read_source(src_path)
-        stem = re.sub(r"-(f32|f16|bf16|q8_0)$", "", src_path.stem, flags=re.I)
-        layout = Layout(name or info.name or stem, Path(out_root) if out_root else DEFAULT_ROOT)
-    src_gguf, model_dir = resolve_source(src_path, layout, progress=progress)
-    info = read_source(src_gguf)
-    for qt in qts:   # fail before any work, not after the first type
-        check_requantize(info, qt)
     if str(imatrix).lower() == "none" and any(t.needs_imatrix for t in qts):
         bad = next(t.name for t in qts if t.needs_imatrix)
         raise XvqError(f"--type {bad} requires an importance matrix (llama.cpp refuses without one); "
                        f"use --imatrix auto or --imatrix FILE")
+    src_path = Path(source)
+    layout = layout_for(src_path, name, out_root)
+    src_gguf, model_dir = resolve_source(src_path, layout, progress=progress)
+    info = read_source(src_gguf)
+    for qt in qts:   # fail before any work, not after the first type
+        check_requantize(info, qt)
     im = resolve_imatrix(imatrix, src_gguf, qts, layout, calib_file=calib_file, model_dir=model_dir,
                          calib_tokens=calib_tokens, n_ctx=n_ctx, n_threads=n_threads or None,
                          progress=progress, log=log)

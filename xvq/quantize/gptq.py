@@ -273,7 +273,9 @@ def cast_shards(out: Path, dtype: str) -> None:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         if any(t.is_floating_point() and t.dtype != target for t in tensors.values()):
             tensors = {k: t.to(target) if t.is_floating_point() else t for k, t in tensors.items()}
+            mode = shard.stat().st_mode
             save_file(tensors, str(shard), metadata=metadata)
+            os.chmod(shard, mode)   # safetensors writes 0600; keep the shard readable like the rest
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         del tensors
     index = out / "model.safetensors.index.json"
@@ -385,7 +387,7 @@ def quantize_gptq(model_dir: Path | str, outdir: Path | str, settings: GptqSetti
         cast_shards(tmp, OUTPUT_DTYPE)
         write_configs(tmp, model_dir, forbidden, OUTPUT_DTYPE)
         if experts is not None:
-            gptq_moe.record_in_quantize_config(tmp, experts)
+            gptq_moe.record_in_quantize_config(tmp, experts, quant_log)
         carry_source_files(tmp, model_dir)
         assert_no_local_paths(tmp, forbidden)
     return GptqResult(outdir, len(seqs), n_tokens, quant_log, damp_raised)

@@ -54,13 +54,14 @@ MIN_AUTO_GROUP_SIZE = 32
 
 def auto_group_size(widths: dict[str, int], preferred: int = DEFAULT_GROUP_SIZE) -> int:
     """`preferred`, halved until it divides every quantized input width (XVERSE-MoE-A4.2B: experts
-    1728 and shared 3456 wide -> 64); -1 (one group per row) when no power of two down to 32 does."""
+    1728 and shared 3456 wide -> 64); `preferred` itself when no power of two down to 32 does,
+    so the usual "does not divide" error names the widths."""
     g = preferred
     while g >= MIN_AUTO_GROUP_SIZE:
         if all(w % g == 0 for w in widths.values()):
             return g
         g //= 2
-    return -1
+    return preferred
 
 
 # ----------------------------------------------------------------------------------------------
@@ -85,53 +86,61 @@ def _calibrating(expert) -> bool:
 class _Layer:
     pass_tokens: int = 0
     pass_counts: list[int] = field(default_factory=list)
-    last_counts: list[int] | None = None               # routed counts of the last complete replay
-    replay_routed: dict[int, int] = field(default_factory=dict)   # calibrated experts, this replay
-    routed: dict[int, int] = field(default_factory=dict)          # expert -> tokens while calibrated
+    stored: list = field(default_factory=list)      # (x, chosen) of this replay while experts calibrate
+    routed: dict[int, int] = field(default_factory=dict)      # expert -> tokens while calibrated
     forced: dict[int, bool] = field(default_factory=dict)
 
 
 class ExpertCalibration:
-    """The hook the MoE blocks call during GPTQ calibration. `n_tokens`: calibration tokens in
-    one replay of the calibration set (replays are delimited by counting them)."""
+    """The hook the MoE blocks call during GPTQ calibration, after their routed experts ran.
 
-    def __init__(self, n_tokens: int, min_tokens: int):
+    While a block's experts are being calibrated, it keeps the block's inputs of the replay; on
+    the replay's last batch (replays are delimited by counting `n_tokens`, the calibration
+    tokens of one replay) the routed counts are complete, and every calibrated expert with
+    fewer than `min_tokens` runs on the replay's tokens that were not routed to it, so its
+    statistics cover each calibration token once. Outputs are discarded."""
+
+    def __init__(self, n_tokens: int, min_tokens: int, chunk_tokens: int = 4096):
         self.n_tokens = n_tokens
         self.min_tokens = min_tokens
+        self.chunk_tokens = chunk_tokens
         self.layers: dict[int, _Layer] = {}
 
-    def __call__(self, block, chosen) -> set[int]:
+    def __call__(self, block, x, chosen) -> None:
         import torch
         n_expert = len(block.experts)
         st = self.layers.setdefault(int(block.layer_idx), _Layer())
         counts = torch.bincount(chosen.reshape(-1).cpu(), minlength=n_expert).tolist()
-        forced = set()
-        for e in range(n_expert):
-            if not _calibrating(block.experts[e]):
-                continue
-            st.replay_routed[e] = st.replay_routed.get(e, 0) + counts[e]
-            if st.last_counts is not None and st.last_counts[e] < self.min_tokens:
-                forced.add(e)
-                st.forced[e] = True
-        self._advance(int(block.layer_idx), st, counts, chosen.shape[0])
-        return forced
-
-    def _advance(self, layer: int, st: _Layer, counts: list[int], n: int) -> None:
-        st.pass_counts = [a + b for a, b in zip(st.pass_counts or [0] * len(counts), counts)]
-        st.pass_tokens += n
+        st.pass_counts = [a + b for a, b in zip(st.pass_counts or [0] * n_expert, counts)]
+        st.pass_tokens += int(chosen.shape[0])
+        calibrating = [e for e in range(n_expert) if _calibrating(block.experts[e])]
+        if calibrating:
+            st.stored.append((x.detach(), chosen.detach()))
         if st.pass_tokens < self.n_tokens:
             return
-        # a replay ended: the experts calibrated in it were calibrated on these routed counts
-        # (the gate/up and the down replays route identically: the router precedes the experts)
-        for e, n_routed in st.replay_routed.items():
-            st.routed[e] = n_routed
-            st.forced.setdefault(e, False)
-            if n_routed < self.min_tokens and not st.forced[e]:
-                log.warning("layer %d expert %d: %d routed calibration tokens and no earlier replay to "
-                            "decide forcing from; GPTQModel may round it to nearest", layer, e, n_routed)
-        st.last_counts, st.pass_counts, st.pass_tokens, st.replay_routed = st.pass_counts, [], 0, {}
+        replay, stored = st.pass_counts, st.stored
+        st.pass_counts, st.pass_tokens, st.stored = [], 0, []
+        for e in calibrating:
+            st.routed[e] = replay[e]   # the gate/up and down replays route alike: the router precedes them
+            starved = replay[e] < self.min_tokens
+            st.forced[e] = st.forced.get(e, False) or starved
+            if starved:
+                self._force(block.experts[e], e, stored)
+
+    def _force(self, expert, e: int, stored) -> None:
+        import torch
+        with torch.no_grad():
+            for x, chosen in stored:
+                rest = x[~(chosen == e).any(dim=-1)]
+                for k in range(0, rest.shape[0], self.chunk_tokens):
+                    run_past_early_stop(expert, rest[k:k + self.chunk_tokens])
 
     def record(self) -> dict:
+        partial = [layer for layer, st in self.layers.items() if st.pass_tokens]
+        if partial:
+            raise XvqError(f"GPTQ calibration replays of layer(s) {partial} did not add up to the {self.n_tokens} "
+                           f"calibration tokens; the per-expert record would be wrong — this is a bug in xvq, "
+                           f"please report it")
         experts = {}
         for layer in sorted(self.layers):
             st = self.layers[layer]
@@ -142,6 +151,17 @@ class ExpertCalibration:
 
     def forced_experts(self) -> list[str]:
         return [k for k, v in self.record()["experts"].items() if v["forced"]]
+
+
+def run_past_early_stop(module, x) -> None:
+    """module(x), ignoring GPTQModel's StopForward: the last hooked module of a group raises it
+    after recording its statistics, to cut the layer's forward short; here every stored batch
+    must still be fed, and the layer's own forward goes on (or stops) as GPTQModel decides."""
+    try:
+        module(x)
+    except Exception as e:
+        if type(e).__name__ != "StopForward":
+            raise
 
 
 def hooked_block_classes(model) -> set[type]:
@@ -167,12 +187,20 @@ def expert_calibration(model, n_tokens: int, min_tokens: int) -> Iterator[Expert
             cls.calibration_hook = None
 
 
-def record_in_quantize_config(folder: Path, calib: ExpertCalibration) -> dict:
-    """Adds the per-expert record to quantize_config.json and config.json's quantization_config."""
+def record_in_quantize_config(folder: Path, calib: ExpertCalibration, quant_log: list[dict]) -> dict:
+    """Adds the per-expert record to quantize_config.json and config.json's quantization_config,
+    and names the quantized modules of a decoder layer for transformers' loader
+    (`modules_in_block_to_quantize`): it would otherwise expect every Linear of a layer in
+    GPTQ form, the router too, which GPTQ leaves in floating point."""
     rec = calib.record()
     if not rec["experts"]:
         raise XvqError(f"{folder}: no MoE expert was calibrated; GPTQModel's module tree for this family "
                        f"does not name the experts — this is a bug in xvq, please report it")
+    quantized = sorted({str(e["module"]) for e in quant_log if e.get("module")})
+    forced = calib.forced_experts()
+    log.info("MoE calibration: %d of %d experts had fewer than %d routed calibration tokens and were "
+             "calibrated on every token%s", len(forced), len(rec["experts"]), calib.min_tokens,
+             f" ({', '.join(forced[:8])}{', ...' if len(forced) > 8 else ''})" if forced else "")
     for name, key in (("quantize_config.json", None), ("config.json", "quantization_config")):
         path = folder / name
         if not path.is_file():
@@ -181,6 +209,8 @@ def record_in_quantize_config(folder: Path, calib: ExpertCalibration) -> dict:
         target = data.get(key) if key else data
         if isinstance(target, dict):
             target[CONFIG_KEY] = rec
+            if key:
+                target["modules_in_block_to_quantize"] = [quantized]
             path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     return rec
 
@@ -192,7 +222,7 @@ def resolve_group_size(settings, widths: dict[str, int]):
         return settings
     g = auto_group_size(widths)
     if g != DEFAULT_GROUP_SIZE:
-        odd = ", ".join(f"{m} ({w})" for m, w in widths.items() if w % DEFAULT_GROUP_SIZE)
-        log.info("group size %d: %d does not divide the input width of %s (pass --group-size to choose)",
-                 g, DEFAULT_GROUP_SIZE, odd)
+        odd = ", ".join(map(str, sorted({w for w in widths.values() if w % DEFAULT_GROUP_SIZE})))
+        log.info("no --group-size given: using %d, as %d does not divide the input width(s) %s "
+                 "(MoE experts); pass --group-size to choose", g, DEFAULT_GROUP_SIZE, odd)
     return replace(settings, group_size=g)

@@ -261,14 +261,17 @@ def _ggml():
     return libggml
 
 
-def _op_codes(lib) -> dict[str, int]:
-    names = {}
-    for i in range(200):
-        n = lib.ggml_op_name(i)
-        if n is None or n in (b"", b"NONE") and i:
-            break
-        names[n.decode()] = i
-    return names
+def _op_codes(lib, wanted=("MUL_MAT", "MUL_MAT_ID")) -> dict[str, int]:
+    """ggml op numbers by name, asked of the loaded ggml (the enum shifts between versions). Both
+    ops sit early in the enum, so the scan stops long before its end."""
+    found = {}
+    for i in range(256):
+        name = (lib.ggml_op_name(i) or b"").decode()
+        if name in wanted:
+            found[name] = i
+        if len(found) == len(wanted):
+            return found
+    raise XvqError("the installed llama-cpp-python's ggml has no MUL_MAT/MUL_MAT_ID op; reinstall the locked version")
 
 
 def weight_name(raw: bytes) -> str:

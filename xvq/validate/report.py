@@ -107,17 +107,17 @@ def markdown(data: dict) -> str:
            f"KLD on the reference's top-{s['top_k']} tokens plus the rest as one bin.", "", *lines]
     langs = list(ref["per_language"])
     if len(langs) > 1 and data["artifacts"]:
-        out += ["", "Perplexity ratio by language (n/a: fewer than two windows of text):", "",
-                "| file | " + " | ".join(langs) + " |", "|---|" + "---|" * len(langs)]
-        for a in data["artifacts"]:
+        names = [Path(a["path"]).name for a in data["artifacts"]]
+        out += ["", "Perplexity ratio by language (✗: fails its gate; n/a: fewer than two windows of text):", "",
+                "| language | reference PPL | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+        for lang in langs:
+            r = ref["per_language"][lang]
             cells = []
-            for lang in langs:
+            for a in data["artifacts"]:
                 m = (a.get("per_language") or {}).get(lang)
                 cells.append("n/a" if not m else f"{m['ppl_ratio']:.4f}" + ("" if m["passed"] else " ✗"))
-            out.append(f"| {Path(a['path']).name} | " + " | ".join(cells) + " |")
-        out.append("| reference PPL | " + " | ".join(
-            _f(ref["per_language"][lang]["perplexity"] if ref["per_language"][lang]["n_windows"] >= 2 else None,
-               ".3f") for lang in langs) + " |")
+            ref_ppl = r["perplexity"] if r["n_windows"] >= 2 else None
+            out.append(f"| {lang} | {_f(ref_ppl, '.3f')} | " + " | ".join(cells) + " |")
     fails = [a for a in data["artifacts"] if not a["passed"]]
     if fails:
         out += ["", "Failures:", ""]
