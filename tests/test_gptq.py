@@ -8,7 +8,9 @@
 """
 from __future__ import annotations
 
+import csv
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -164,9 +166,13 @@ def test_llama_spm_int8_cli_layout(tmp_path, spm_tokenizer_dir, monkeypatch):
     except ImportError:   # until the calibration set exists: the same literal text the tests use
         monkeypatch.setattr(gptq, "calibration_texts", lambda *a: corpus_texts(heldout=False))
     res = CliRunner().invoke(main, ["quantize", "gptq", str(src), "--out-root", str(tmp_path / "out"),
-                                    "--bits", "8", "--calib-tokens", "4096", "--max-seq-len", "256"])
+                                    "--bits", "8", "--calib-tokens", "4096"])
     assert res.exit_code == 0, res.output + repr(res.exception)
     out = tmp_path / "out" / "tiny-llama" / "gptq" / "tiny-llama-GPTQ-Int8"
+    # every calibration token reached GPTQ: windows cut at the model's 512 positions, not GPTQModel's trim
+    tokens = int(re.search(r"(\d+) tokens\)", res.output).group(1))
+    samples = {row["samples"] for row in csv.DictReader((out / "quant_log.csv").open())}
+    assert 3000 < tokens <= 4096 and samples == {str(tokens)}
     assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     assert (out / "tokenizer.model").read_bytes() == (src / "tokenizer.model").read_bytes()
     assert not (out / "tokenizer.json").exists()

@@ -231,7 +231,7 @@ def test_gptq_beats_round_to_nearest_and_runs_in_transformers(gptq_out, tiny_moe
     import xvq  # noqa: F401
     from transformers import AutoModelForCausalLM
     out, _ = gptq_out
-    batches = eval_batches(tiny_moe, corpus_texts(heldout=True), seq_len=128, n_seqs=8)
+    batches = eval_batches(tiny_moe, corpus_texts(heldout=True), seq_len=128, n_seqs=16)
     with torch.no_grad():
         ref_lp = torch.cat([torch.log_softmax(reference(b[None]).logits.float(), -1) for b in batches])
     tensors = load_safetensors_folder(out)
@@ -322,3 +322,37 @@ def test_each_expert_beats_rtn_on_its_routed_inputs(gptq_out, calibration, refer
     print(f"\nexpert output error GPTQ/RTN on routed inputs: routed-calibrated mean {np.mean(ru):.3f} "
           f"max {max(ru):.3f}; forced mean {np.mean(rf):.3f} max {max(rf):.3f}")
     assert rf and ru and max(ratios.values()) < 1.0
+
+
+def test_forcing_feeds_every_token_and_leaves_the_output_alone(reference):
+    """With every expert starved (minimum above any count), each expert's Linear layers see every
+    token of the replay exactly once (routed + forced), and the logits are bit-identical."""
+    from xvq.quantize.gptq_moe import expert_calibration
+    ids = torch.randint(4, 400, (3, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = [reference(row[None]).logits for row in ids]
+    seen: dict[str, int] = {}
+    hooks = [m.register_forward_hook(lambda m, inp, out, n=n: seen.__setitem__(n, seen.get(n, 0) + inp[0].shape[0]))
+             for n, m in reference.named_modules() if ".experts." in n and isinstance(m, torch.nn.Linear)]
+    try:
+        with torch.no_grad(), expert_calibration(reference, n_tokens=ids.numel(), min_tokens=10 ** 6) as calib:
+            forced = [reference(row[None]).logits for row in ids]
+    finally:
+        for h in hooks:
+            h.remove()
+    assert all(torch.equal(a, b) for a, b in zip(plain, forced))
+    assert len(seen) == 2 * 8 * 3 and set(seen.values()) == {ids.numel()}
+    rec = calib.record()["experts"]
+    assert all(v["forced"] for v in rec.values())
+    assert sum(v["routed_tokens"] for k, v in rec.items() if k.startswith("layer.0.")) == 2 * ids.numel()
+    from xvq.models.xverse_moe_hf import XverseMoeBlock
+    assert XverseMoeBlock.calibration_hook is None    # uninstalled afterwards
+
+
+def test_starvation_threshold_defaults_to_hidden_size():
+    """Default: an expert under hidden-size routed tokens (rank-deficient gate/up Hessian) is
+    forced; never below GPTQModel's 0.5% fallback (it would round such an expert to nearest)."""
+    from xvq.quantize.gptq_moe import min_expert_tokens
+    assert min_expert_tokens(131072, None, 2560) == 2560      # XVERSE-MoE-A4.2B, default budget
+    assert min_expert_tokens(2048, 16, 256) == 16
+    assert min_expert_tokens(10 ** 6, 16, 256) == 5000        # 0.5% of the calibration tokens

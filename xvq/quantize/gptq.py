@@ -70,8 +70,9 @@ class GptqSettings:
     # slower there), float16 on CUDA. The output is float16 either way (XVERSE's GPTQ releases
     # are; vLLM's GPTQ kernels want it).
     calib_dtype: str = "auto"
-    # MoE: an expert routed fewer calibration tokens than this also sees every token (gptq_moe)
-    moe_min_tokens: int = 16
+    # MoE: an expert routed fewer calibration tokens than this also sees every token (gptq_moe);
+    # None: the hidden size (fewer tokens leave its Hessian rank-deficient)
+    moe_min_tokens: int | None = None
 
     def torch_calib_dtype(self):
         import torch
@@ -123,6 +124,9 @@ def check_settings(settings: GptqSettings, family: Family, source: Path) -> None
             listed = ", ".join(f"{m} ({w})" for m, w in bad.items())
             raise XvqError(f"{source / 'config.json'}: --group-size {settings.group_size} does not divide the input "
                            f"width of {listed}; choose a group size that divides every width, or -1")
+    if settings.group_size == -1:
+        log.warning("--group-size -1: valid GPTQ, but GPTQModel 7.6's CPU kernel (torch int4pack) only loads "
+                    "groups of 32-256 columns; the result loads on GPU kernels (Marlin, ExLlama) only")
     if not 0 < settings.damp < 1:
         raise XvqError(f"--damp {settings.damp}: use a fraction of the Hessian's mean diagonal in (0, 1), e.g. 0.01")
     if settings.device not in ("auto", "cpu", "cuda"):
@@ -356,7 +360,9 @@ def quantize_gptq(model_dir: Path | str, outdir: Path | str, settings: GptqSetti
     import torch
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    seqs = calibration_sequences(tokenizer, texts, settings.calib_tokens, settings.max_seq_len, settings.seed)
+    # GPTQModel cuts longer sequences at max_position_embeddings, dropping their tail: cut here instead.
+    seq_len = min(settings.max_seq_len, family.hp.n_ctx)
+    seqs = calibration_sequences(tokenizer, texts, settings.calib_tokens, seq_len, settings.seed)
     if not seqs:
         raise XvqError(f"{model_dir}: no calibration text of at least {MIN_SEQ_TOKENS} tokens; "
                        f"check xvq calib show, or pass more text")
@@ -376,7 +382,8 @@ def quantize_gptq(model_dir: Path | str, outdir: Path | str, settings: GptqSetti
         if on_model is not None:
             on_model(model)
         with gptq_moe.expert_calibration(model.model, n_tokens,
-                                         gptq_moe.min_expert_tokens(n_tokens, settings.moe_min_tokens)) as experts:
+                                         gptq_moe.min_expert_tokens(n_tokens, settings.moe_min_tokens,
+                                                                    family.hp.n_embd)) as experts:
             model.quantize(seqs, batch_size=1, tokenizer=tokenizer)
         damp_raised = check_damp(model.quant_log, settings, model_dir)
         model.save(str(tmp), max_shard_size=settings.max_shard_size, meta_quantizer=f"xvq:{xvq_version()}")

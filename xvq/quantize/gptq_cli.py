@@ -45,8 +45,10 @@ def _check_size(ctx, param, value: str) -> str:
 @click.option("--max-shard-size", default="4GB", show_default=True, callback=_check_size,
               help="Largest safetensors shard.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--moe-min-tokens", type=int, default=None,
+              help="MoE: experts routed fewer calibration tokens are calibrated on every token (default: the hidden size).")
 def gptq_cmd(model_dir, outdir, name, out_root, bits, group_size, desc_act, static_groups, sym, true_sequential,
-             damp, calib_tokens, max_seq_len, seed, max_shard_size, device):
+             damp, calib_tokens, max_seq_len, seed, max_shard_size, device, moe_min_tokens):
     """Quantize MODEL_DIR (XVERSE dense, LLaMA, Ziya, ...) to GPTQ, calibrated on xvq's multilingual
     calibration set. Output: sharded safetensors + quantize_config.json, loadable by transformers
     (after `import xvq` for XVERSE), GPTQModel, vLLM and XVERSE's own loader."""
@@ -54,7 +56,8 @@ def gptq_cmd(model_dir, outdir, name, out_root, bits, group_size, desc_act, stat
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     settings = GptqSettings(bits=int(bits), group_size=group_size, desc_act=desc_act, static_groups=static_groups,
                             sym=sym, true_sequential=true_sequential, damp=damp, calib_tokens=calib_tokens,
-                            max_seq_len=max_seq_len, seed=seed, max_shard_size=max_shard_size, device=device)
+                            max_seq_len=max_seq_len, seed=seed, max_shard_size=max_shard_size, device=device,
+                            moe_min_tokens=moe_min_tokens)
     if outdir is None:
         outdir = Layout.for_model(model_dir, name, out_root).gptq(settings.bits)
     result = quantize_gptq(model_dir, outdir, settings)

@@ -1,35 +1,39 @@
 """GPTQ for mixture-of-experts models: every routed expert calibrated on the tokens routed to it,
-and the experts the calibration text barely reaches still calibrated.
+and the experts the calibration text barely reaches calibrated on every token.
 
-GPTQModel calibrates a decoder layer by replaying the layer's inputs once per group of modules
-(attention, then the experts' gate/up, their down, the shared experts) with statistics hooks on
-that group's Linear layers. An expert's Hessian therefore sums over the tokens the router sends
-to it. An expert that receives fewer than `min_tokens` tokens in a replay ("starved") would get
-a rank-deficient Hessian (GPTQModel's own answer is round-to-nearest below 0.5% of the tokens),
-so during the replays in which the experts are calibrated it additionally runs on every token of
-the batch: its Hessian gets statistics from the whole calibration set while the layer output,
-which takes only its routed tokens' rows, is unchanged.
+GPTQModel calibrates a decoder layer by replaying the layer's cached inputs once per group of
+modules (attention q/k/v, o, the experts' gate/up, their down, the shared experts) with
+statistics hooks on that group's Linear layers; the replays of the attention groups stop before
+the MoE block. An expert's Hessian therefore sums over the tokens the router sends to it. One
+that receives fewer than `min_tokens` in a replay ("starved") gets a rank-deficient Hessian,
+and GPTQModel's own answer (its default Fallback) is round-to-nearest below 0.5% of the tokens.
 
-GPTQModel's own MoE options do not do this: ExpertsRoutingBypass sends every token to *every*
-expert (no expert is calibrated on its routed distribution any more) and ExpertsRoutingOverride
-changes top-k, hence the layer output the next layers calibrate on.
+Here, while a group of experts is calibrated, the MoE block's inputs of the replay are kept; on
+the replay's last batch the routed counts are complete, and each starved expert runs on the
+replay's tokens that were not routed to it, so its statistics cover every calibration token
+once. The outputs of those runs are discarded: the layer output is the model's own.
 
-The decision for a replay uses the routed counts of the previous complete replay of the same
-layer (the attention groups come first, so one exists); quantize_config.json records, per
-expert, the tokens routed to it while it was calibrated and whether it was forced:
+GPTQModel 7.6's own MoE options do not do this: MoEConfig(ExpertsRoutingBypass) sends every
+token to *every* expert (no expert is calibrated on its routed distribution any more) and
+ExpertsRoutingOverride changes top-k, hence the layer output the next layers calibrate on.
 
-    "xvq_expert_calibration": {"min_tokens": 16, "experts": {"layer.N.expert.M":
+quantize_config.json (and config.json's quantization_config) record, per expert, the tokens
+routed to it in the replay that calibrated it and whether it was forced:
+
+    "xvq_expert_calibration": {"min_tokens": 2560, "experts": {"layer.N.expert.M":
                                {"routed_tokens": n, "forced": false}, ...}}
 
 The model's MoE block cooperates through a class attribute `calibration_hook` (None outside
-calibration), called as hook(block, chosen_expert_ids) -> experts to force; the block carries
-its `layer_idx`.
+calibration), called as hook(block, x, chosen_expert_ids) after its routed experts ran (also
+when GPTQModel cut the forward short); the block carries its `layer_idx`. The kept inputs of one
+replay take n_tokens x hidden values (XVERSE-MoE-A4.2B, 128k tokens: 0.7 GB in bf16).
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,9 +72,14 @@ def auto_group_size(widths: dict[str, int], preferred: int = DEFAULT_GROUP_SIZE)
 # Per-expert calibration
 # ----------------------------------------------------------------------------------------------
 
-def min_expert_tokens(n_tokens: int, min_tokens: int) -> int:
-    """Tokens an expert must receive to be calibrated on its routed tokens alone."""
-    return max(int(min_tokens), math.ceil(GPTQMODEL_FALLBACK_FRACTION * n_tokens))
+def min_expert_tokens(n_tokens: int, min_tokens: int | None, hidden_size: int) -> int:
+    """Routed tokens below which an expert is calibrated on every token: `min_tokens`, by default
+    the hidden size (an expert's gate/up Hessian is hidden x hidden: with fewer tokens it is
+    rank-deficient, and bench/gptq_moe.py measures such experts at 1.4-2x RTN's held-out error
+    when calibrated on their routed tokens alone, ~1x when forced); never below GPTQModel's
+    fallback fraction, under which it would round the expert to nearest instead."""
+    floor = math.ceil(GPTQMODEL_FALLBACK_FRACTION * n_tokens)
+    return max(int(hidden_size if min_tokens is None else min_tokens), floor)
 
 
 def _calibrating(expert) -> bool:
@@ -105,8 +114,13 @@ class ExpertCalibration:
         self.min_tokens = min_tokens
         self.chunk_tokens = chunk_tokens
         self.layers: dict[int, _Layer] = {}
+        self.lock = threading.Lock()   # GPTQModel may replay batches from worker threads
 
     def __call__(self, block, x, chosen) -> None:
+        with self.lock:
+            self._observe(block, x, chosen)
+
+    def _observe(self, block, x, chosen) -> None:
         import torch
         n_expert = len(block.experts)
         st = self.layers.setdefault(int(block.layer_idx), _Layer())
