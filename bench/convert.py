@@ -2,13 +2,15 @@
 on the same synthetic LLaMA checkpoint: bf16 safetensors, >= 2 GB, sharded like save_pretrained
 does it, converted to f16 by both in one run.
 
-    .venv/bin/python bench/convert.py                 # 24 layers of hidden 2048 (GQA 16/4): 2.17 GB bf16
-    .venv/bin/python bench/convert.py --layers 4      # a quick look (~0.4 GB)
+    .venv/bin/python bench/convert.py                 # 15 layers of hidden 2048 (GQA 16/4): 2.18 GB bf16
+    .venv/bin/python bench/convert.py --layers 2      # a quick look (~1 GB)
 
-The checkpoint is made once with xvq.synth.write_random_safetensors (tokenizer: stories260K-hf's
-from ../shared, which llama.cpp's converter recognises) and cached in .cache/bench/. Before each
-run its files are read once so both converters start from a warm page cache. Each converter runs
-in its own process (the whole command, imports included); peak memory is the highest RssAnon
+The vocabulary is XVERSE's size (100,534 rows, the xverse-style tokenizer from ../shared padded
+like XVERSE's), so the embedding and output matrices are the largest tensors (412 MB bf16 each),
+as in the real models. The checkpoint is made once with xvq.synth.write_random_safetensors and
+cached in .cache/bench/. Before each run its files are read once so both converters start from a
+warm page cache. Each converter runs in its own process (the whole command as a user runs it:
+imports, vocabulary, and for xvq its tokenizer parity check); peak memory is the highest RssAnon
 (anonymous memory, not the memory-mapped checkpoint) sampled from /proc/<pid>/status by this
 process every millisecond (tests/test_memory.py). Both outputs are compared tensor for tensor.
 """
@@ -29,25 +31,26 @@ if str(ROOT) not in sys.path:
 from tests.test_memory import peak_anon_mb  # noqa: E402
 
 CACHE = ROOT / ".cache" / "bench"
-SHARED_TOK = ROOT.parent / "shared" / "assets" / "stories260K-hf"
+SHARED_TOK = ROOT.parent / "shared" / "assets" / "xverse-style-tokenizer"
+VOCAB = 100534  # XVERSE-13B's config.json
 
 
 def bench_model(layers: int, hidden: int, ff: int) -> Path:
     from xvq.synth import tiny_config, write_random_safetensors
-    folder = CACHE / f"llama-bf16-{layers}x{hidden}"
+    folder = CACHE / f"llama-bf16-{layers}x{hidden}-v{VOCAB}"
     cfg = tiny_config("llama", hidden_size=hidden, intermediate_size=ff, num_hidden_layers=layers,
-                      num_attention_heads=hidden // 128, num_key_value_heads=hidden // 128 // 4, vocab_size=512,
-                      max_position_embeddings=4096, bos_token_id=1, eos_token_id=2)
+                      num_attention_heads=hidden // 128, num_key_value_heads=hidden // 128 // 4, vocab_size=VOCAB,
+                      max_position_embeddings=4096, bos_token_id=2, eos_token_id=3)
     stamp = folder / ".complete"
     if stamp.is_file() and json.loads(stamp.read_text()) == cfg:
         return folder
     if not (SHARED_TOK / "tokenizer.json").is_file():
-        sys.exit(f"needs {SHARED_TOK} (a tokenizer llama.cpp's converter recognises)")
+        sys.exit(f"needs {SHARED_TOK}")
     shutil.rmtree(folder, ignore_errors=True)
     print(f"making {folder} ...", flush=True)
     write_random_safetensors(folder, cfg, dtype="bfloat16", shard_bytes=1 << 30)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(SHARED_TOK / f, folder / f)
+    for f in SHARED_TOK.iterdir():
+        shutil.copy(f, folder / f.name)
     stamp.write_text(json.dumps(cfg))
     return folder
 
@@ -92,7 +95,7 @@ def same_tensors(a: Path, b: Path) -> tuple[int, int]:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--layers", type=int, default=15)
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--ff", type=int, default=5632)
     ap.add_argument("--outtype", default="f16")

@@ -1,14 +1,18 @@
 """GPTQ benchmark: xvq's GPTQ (xvq.quantize.gptq) against plain GPTQModel on the same LLaMA
-checkpoint and against hand-written round-to-nearest, in the same run.
+checkpoint (an XVERSE model is handed to plain GPTQModel as a LLaMA view of the same weights,
+since GPTQModel's own XVERSE definition needs transformers <= 4.38) and against hand-written
+round-to-nearest, in the same run.
 
-    .venv/bin/python bench/gptq.py                          # structured tiny LLaMA + XVERSE, CPU
-    .venv/bin/python bench/gptq.py --device cuda            # same on the GPU
-    .venv/bin/python bench/gptq.py --model xvq/demo/model --group-size 64
-    .venv/bin/python bench/gptq.py --hidden 1024 --layers 8 --device cuda
+    .venv/bin/python bench/gptq.py                          # structured LLaMA + XVERSE, hidden 256, CPU
+    .venv/bin/python bench/gptq.py --model xvq/demo/model --eval-seqs 40 --calib-tokens 32768
+    .venv/bin/python bench/gptq.py --model xvq/demo/model --bits 8
+    .venv/bin/python bench/gptq.py --hidden 2048 --layers 8 --calib-tokens 65536 --max-seq-len 2048 --device cuda
 
-Prints, per model: KL divergence to the source model on held-out text (mean per token),
-perplexity ratio, and time / peak memory per decoder layer (RSS on CPU, allocated on CUDA)
-for xvq and for plain GPTQModel (each quantization runs in its own process, so memory is its own).
+Prints, per model: KL divergence to the source model on held-out text (mean per token; the
+calibration set's held-out split), perplexity ratio, top-1 agreement, for RTN, xvq and plain
+GPTQModel, each both dequantized by hand in fp32 (the quantization alone) and loaded through
+transformers + GPTQModel's kernel; then time and peak memory per decoder layer (RSS on CPU,
+the CUDA allocator's peak on GPU) for xvq and plain GPTQModel, each run in its own process.
 
 The measurement helpers (structured synthetic checkpoints, RTN reference, GPTQ v1 dequantizer,
 KL/perplexity) are also used by tests/test_gptq.py.

@@ -109,6 +109,7 @@ def test_xverse_int4_folder(xverse_src, xverse_int4):
     q = cfg["quantization_config"]
     assert (q["quant_method"], q["bits"], q["group_size"], q["desc_act"], q["sym"]) == ("gptq", 4, 128, True, True)
     assert q["checkpoint_format"] == "gptq" and q["meta"]["static_groups"] and q["meta"]["true_sequential"]
+    assert (q["damp_percent"], q["static_groups"], q["true_sequential"]) == (0.01, True, True)   # AutoGPTQ's keys
     assert q == json.loads((xverse_int4 / "quantize_config.json").read_text())
     assert "xvq:" in str(q["meta"]["quantizer"]) and "dataset" not in q
     assert not (xverse_int4 / "generation_config.json").exists()   # the source has none
@@ -238,3 +239,13 @@ def test_damp_raised_is_reported_and_total_failure_refused(tmp_path):
     assert check_damp(log, s, tmp_path) == ["layer 1 mlp.down_proj: damp 0.01 -> 0.0300"]
     with pytest.raises(XvqError, match="layer 1 mlp.down_proj stayed singular"):
         check_damp(log[:1] + [{"layer": 1, "module": "mlp.down_proj", "damp": 1.0}], s, tmp_path)
+
+
+def test_local_paths_scrubbed_not_urls():
+    """GPTQModel records its offload folder; a model folder named /model must not eat the URL."""
+    from xvq.quantize.gptq import scrub_paths
+    meta = {"uri": "https://github.com/modelcloud/gptqmodel", "offload_to_disk_path": "/data/x/.work/offload",
+            "quantizer": ["gptqmodel:7.6.0"], "note": "/model/tmp", "dataset": ["calibration text"]}
+    assert scrub_paths(meta, ["/model"]) == {"uri": "https://github.com/modelcloud/gptqmodel",
+                                             "offload_to_disk_path": None, "quantizer": ["gptqmodel:7.6.0"],
+                                             "note": None}

@@ -124,9 +124,9 @@ def check_settings(settings: GptqSettings, family: Family, source: Path) -> None
             listed = ", ".join(f"{m} ({w})" for m, w in bad.items())
             raise XvqError(f"{source / 'config.json'}: --group-size {settings.group_size} does not divide the input "
                            f"width of {listed}; choose a group size that divides every width, or -1")
-    if settings.group_size == -1:
-        log.warning("--group-size -1: valid GPTQ, but GPTQModel 7.6's CPU kernel (torch int4pack) only loads "
-                    "groups of 32-256 columns; the result loads on GPU kernels (Marlin, ExLlama) only")
+    if settings.group_size == -1 or settings.group_size > 256:
+        log.warning("--group-size %d: valid GPTQ, but GPTQModel 7.6's CPU kernel (torch int4pack) loads only "
+                    "groups of 32-256 columns; the result loads on GPU kernels (Marlin, ExLlama)", settings.group_size)
     if not 0 < settings.damp < 1:
         raise XvqError(f"--damp {settings.damp}: use a fraction of the Hessian's mean diagonal in (0, 1), e.g. 0.01")
     if settings.device not in ("auto", "cpu", "cuda"):
@@ -233,6 +233,11 @@ def stage_as_safetensors(model_dir: Path, stage: Path) -> Path:
 # The output folder
 # ----------------------------------------------------------------------------------------------
 
+def names_path(text: str, path: str) -> bool:
+    """`path` occurs in `text` as a whole path (so /model does not match /modelcloud in a URL)."""
+    return len(path) > 1 and re.search(re.escape(path) + r"(?![\w.-])", text) is not None
+
+
 def scrub_paths(value, forbidden: Iterable[str]):
     """Drop what only made sense on the machine that quantized: *_path / *_dir entries and any
     string naming one of the working folders."""
@@ -242,7 +247,7 @@ def scrub_paths(value, forbidden: Iterable[str]):
                 for k, v in value.items() if k not in ("dataset", "calibration_dataset", "calibration")}
     if isinstance(value, list):
         return [scrub_paths(v, forbidden) for v in value]
-    if isinstance(value, str) and any(f in value for f in forbidden):
+    if isinstance(value, str) and any(names_path(value, f) for f in forbidden):
         return None
     return value
 
@@ -251,10 +256,13 @@ def write_configs(out: Path, model_dir: Path, forbidden: list[str], dtype: str) 
     """config.json = the source's own config (architectures, model_type, auto_map as shipped) plus
     GPTQ's quantization_config; quantize_config.json scrubbed the same way."""
     qcfg_path = out / "quantize_config.json"
-    qcfg = scrub_paths(json.loads(qcfg_path.read_text(encoding="utf-8")), forbidden)
-    qcfg_path.write_text(json.dumps(qcfg, indent=2) + "\n", encoding="utf-8")
-    written = json.loads((out / "config.json").read_text(encoding="utf-8"))
-    quant = scrub_paths(written.get("quantization_config") or qcfg, forbidden)
+    quant = scrub_paths(json.loads(qcfg_path.read_text(encoding="utf-8")), forbidden)
+    # AutoGPTQ-era readers (and XVERSE's published GPTQ folders) keep these at the top level;
+    # GPTQModel 7.6 files them under "meta".
+    for key in ("damp_percent", "static_groups", "true_sequential"):
+        if key in (quant.get("meta") or {}):
+            quant.setdefault(key, quant["meta"][key])
+    qcfg_path.write_text(json.dumps(quant, indent=2) + "\n", encoding="utf-8")
     config = read_config(model_dir)
     config.pop("quantization_config", None)
     config |= {"torch_dtype": dtype, "quantization_config": quant}
@@ -307,7 +315,7 @@ def assert_no_local_paths(out: Path, forbidden: list[str]) -> None:
         if f.suffix in (".json", ".csv", ".txt", ".md"):
             text = f.read_text(encoding="utf-8", errors="replace")
             for p in forbidden:
-                if p and p in text:
+                if names_path(text, p):
                     raise XvqError(f"{f.name}: would record the local path {p}; this is a bug in xvq, please report it")
 
 
