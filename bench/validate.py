@@ -129,6 +129,7 @@ def main() -> None:
     ap.add_argument("--gguf", type=Path)
     ap.add_argument("--reference", type=Path)
     ap.add_argument("--text", type=Path)
+    ap.add_argument("--only", default=None, help="run only cases whose name contains this")
     a = ap.parse_args()
     from xvq import anchors
     from xvq.validate.backends import default_threads
@@ -149,7 +150,7 @@ def main() -> None:
         demo = ROOT / "xvq" / "demo" / "model"
         if (demo / "config.json").is_file():
             cases.append(("demo f16", gguf_of(demo, "f16"), demo))
-    rows = [run_case(n, g, r, text, a.ctx, threads) for n, g, r in cases]
+    rows = [run_case(n, g, r, text, a.ctx, threads) for n, g, r in cases if not a.only or a.only in n]
     print(f"\nthreads={threads}, ctx={a.ctx}, load average {os.getloadavg()[0]:.1f} (machine shared: ratios, not absolutes)\n")
     print(f"| case | windows | xvq tok/s | llama-perplexity tok/s | ratio | --kl-divergence tok/s | ratio |")
     print("|---|---|---|---|---|---|---|")

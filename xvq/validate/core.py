@@ -6,6 +6,7 @@ artifact; an artifact that cannot be scored gets a reason in the report, and the
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,8 +16,8 @@ from tqdm import tqdm
 from xvq.errors import XvqError
 from xvq.validate import artifacts as arts
 from xvq.validate import gate
-from xvq.validate.backends import GgufScorer, HfScorer, reference_dtype, torch_device
-from xvq.validate.metrics import DEFAULT_TOP_K, artifact_rows, full_kld, perplexity
+from xvq.validate.backends import GgufScorer, HfScorer, default_threads, reference_dtype, torch_device
+from xvq.validate.metrics import DEFAULT_TOP_K, artifact_rows, full_kld, in_row_blocks, perplexity
 from xvq.validate.reference import Reference, reference_for
 from xvq.validate.windows import Windows, load_tokenizer, make_windows
 
@@ -132,20 +133,27 @@ def make_scorer(info: arts.ArtifactInfo, ctx: int, n_threads: int | None):
     return HfScorer(info.path, ctx)
 
 
-def score(scorer, windows: Windows, ref: Reference, label: str, progress: bool) -> tuple:
-    """Per-position nll/kld/top1 over every window, plus the full-vocabulary KLD on the sample."""
+def score(scorer, windows: Windows, ref: Reference, label: str, progress: bool, workers: int | None = None) -> tuple:
+    """Per-position nll/kld/top1 over every window, plus the full-vocabulary KLD on the sample.
+    Each window's statistics run in row blocks on `workers` threads (numpy releases the GIL)."""
     S = windows.per_window
     targets = windows.targets()
     n = windows.n_windows * S
     nll, kld, top1 = np.empty(n), np.empty(n), np.empty(n, bool)
     n_full = ref.full_logp.shape[0]
     full = []
+    workers = workers or default_threads()
     t0 = time.perf_counter()
-    with tqdm(total=windows.n_windows, desc=f"score {label}", unit="win", disable=not progress, leave=False) as bar:
+    with tqdm(total=windows.n_windows, desc=f"score {label}", unit="win", disable=not progress, leave=False) as bar, \
+            ThreadPoolExecutor(workers) as pool:
         for i, logits in enumerate(scorer.logits(windows.tokens)):
             a, b = i * S, (i + 1) * S
-            r = artifact_rows(logits, targets[i], ref.slice(a, b), ref.n_vocab)
-            nll[a:b], kld[a:b], top1[a:b] = r.nll, r.kld, r.top1
+            ref_w, tg = ref.slice(a, b), targets[i]
+            parts = in_row_blocks(lambda x, y: artifact_rows(logits[x:y], tg[x:y], ref_w.slice(x, y), ref.n_vocab),
+                                  S, pool, workers, logits.shape[1])
+            nll[a:b] = np.concatenate([p.nll for p in parts])
+            kld[a:b] = np.concatenate([p.kld for p in parts])
+            top1[a:b] = np.concatenate([p.top1 for p in parts])
             if a < n_full:
                 m = min(b, n_full) - a
                 full.append(full_kld(ref.full_logp[a:a + m], logits[:m]))
@@ -224,7 +232,7 @@ def evaluate_artifact(info: arts.ArtifactInfo, *, windows: Windows, ref: Referen
             e["reasons"] = [f"{info.path}: model outputs {scorer.n_vocab} logits, the reference {ref.n_vocab}: "
                             f"an artifact of another model"]
             return e
-        nll, kld, top1, kld_full, seconds = score(scorer, windows, ref, info.path.name, progress)
+        nll, kld, top1, kld_full, seconds = score(scorer, windows, ref, info.path.name, progress, n_threads)
     finally:
         scorer.close()
     e |= summarize(nll, kld, top1, ref.rows.nll)

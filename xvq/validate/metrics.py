@@ -21,11 +21,12 @@ DEFAULT_TOP_K = 128
 FULL_SAMPLE_FLOATS = 1 << 22        # full reference rows kept for the top-k-vs-full check (16 MiB)
 
 
-def log_sum_exp(logits: np.ndarray) -> np.ndarray:
-    """Row-wise log(sum(exp(x))), float64 accumulation."""
-    m = logits.max(axis=1)
-    s = np.exp(logits - m[:, None]).sum(axis=1, dtype=np.float64)
-    return m.astype(np.float64) + np.log(s)
+def log_sum_exp(logits: np.ndarray, row_max: np.ndarray | None = None) -> np.ndarray:
+    """Row-wise log(sum(exp(x))): one temporary, exp in place, float64 sums (like llama.cpp's)."""
+    m = logits.max(axis=1) if row_max is None else row_max
+    e = np.subtract(logits, m[:, None])
+    np.exp(e, out=e)
+    return m.astype(np.float64) + np.log(e.sum(axis=1, dtype=np.float64))
 
 
 def top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -50,6 +51,13 @@ class RefRows:
 
     def logp(self) -> np.ndarray:
         return self.top.astype(np.float64) - self.lse[:, None]
+
+    def slice(self, a: int, b: int) -> "RefRows":
+        return RefRows(self.ids[a:b], self.top[a:b], self.lse[a:b], self.nll[a:b])
+
+    @staticmethod
+    def concat(parts: list["RefRows"]) -> "RefRows":
+        return RefRows(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("ids", "top", "lse", "nll")))
 
 
 def reference_rows(logits: np.ndarray, targets: np.ndarray, k: int) -> RefRows:
@@ -79,12 +87,28 @@ def kld_topk(ref: RefRows, logq_at_ref_ids: np.ndarray, exact: bool) -> np.ndarr
 
 
 def artifact_rows(logits: np.ndarray, targets: np.ndarray, ref: RefRows, n_vocab: int) -> ArtifactRows:
-    lse = log_sum_exp(logits)
-    nll = lse - logits[np.arange(len(targets)), targets]
+    rows = np.arange(len(targets))
+    top = logits.argmax(axis=1)
+    lse = log_sum_exp(logits, logits[rows, top])
+    nll = lse - logits[rows, targets]
     logq = np.take_along_axis(logits, ref.ids, 1).astype(np.float64) - lse[:, None]
     kld = kld_topk(ref, logq, exact=ref.ids.shape[1] >= n_vocab)
-    top1 = logits.argmax(axis=1) == ref.ids[:, 0]
-    return ArtifactRows(nll, kld, top1)
+    return ArtifactRows(nll, kld, top == ref.ids[:, 0])
+
+
+MIN_BLOCK_FLOATS = 1 << 20     # smaller blocks cost more in thread hand-offs than they save
+
+
+def in_row_blocks(fn, n_rows: int, pool, n_blocks: int, row_len: int = 1 << 20) -> list:
+    """fn(a, b) over contiguous row blocks, in the pool when given (numpy releases the GIL, so
+    the blocks run on separate cores, as llama-perplexity's worker threads do); results in order.
+    Blocks hold at least MIN_BLOCK_FLOATS logits: a small vocabulary runs in one block."""
+    n_blocks = max(1, min(n_blocks, n_rows * row_len // MIN_BLOCK_FLOATS))
+    step = max(1, -(-n_rows // n_blocks))
+    spans = [(a, min(a + step, n_rows)) for a in range(0, n_rows, step)]
+    if pool is None or len(spans) == 1:
+        return [fn(a, b) for a, b in spans]
+    return list(pool.map(lambda ab: fn(*ab), spans))
 
 
 def full_kld(ref_logp: np.ndarray, logits: np.ndarray) -> np.ndarray:

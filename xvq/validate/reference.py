@@ -5,6 +5,7 @@ log-probabilities for a leading sample of positions (the top-k-vs-full KLD check
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import numpy as np
 from tqdm import tqdm
 
 from xvq.fsio import atomic_output
-from xvq.validate.metrics import FULL_SAMPLE_FLOATS, RefRows, reference_rows
+from xvq.validate.backends import default_threads
+from xvq.validate.metrics import FULL_SAMPLE_FLOATS, RefRows, in_row_blocks, reference_rows
 from xvq.validate.windows import Windows
 
 CACHE_VERSION = 1
@@ -31,8 +33,7 @@ class Reference:
         return int(self.rows.ids.shape[1])
 
     def slice(self, a: int, b: int) -> RefRows:
-        r = self.rows
-        return RefRows(r.ids[a:b], r.top[a:b], r.lse[a:b], r.nll[a:b])
+        return self.rows.slice(a, b)
 
 
 def identity(path: Path) -> str:
@@ -68,16 +69,19 @@ def compute(scorer, windows: Windows, k: int, source: str, progress: bool = True
     n_seen = 0
     bar = tqdm(total=windows.n_windows, desc=f"reference {Path(source).name}", unit="win",
                disable=not progress, leave=False)
-    with bar:
+    workers = default_threads()
+    with bar, ThreadPoolExecutor(workers) as pool:
         for i, logits in enumerate(scorer.logits(windows.tokens)):
-            parts.append(reference_rows(logits, targets[i], k))
+            tg = targets[i]
+            parts.append(RefRows.concat(in_row_blocks(lambda a, b: reference_rows(logits[a:b], tg[a:b], k),
+                                                      len(tg), pool, workers, logits.shape[1])))
             if n_seen < n_full:
                 take = logits[: n_full - n_seen]
                 lse = parts[-1].lse[: len(take)]
                 full.append((take.astype(np.float64) - lse[:, None]).astype(np.float32))
                 n_seen += len(take)
             bar.update()
-    rows = RefRows(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("ids", "top", "lse", "nll")))
+    rows = RefRows.concat(parts)
     full_logp = np.concatenate(full) if full else np.zeros((0, scorer.n_vocab), np.float32)
     return Reference(rows, scorer.n_vocab, full_logp, source)
 
