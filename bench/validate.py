@@ -151,7 +151,8 @@ def main() -> None:
         if (demo / "config.json").is_file():
             cases.append(("demo f16", gguf_of(demo, "f16"), demo))
     rows = [run_case(n, g, r, text, a.ctx, threads) for n, g, r in cases if not a.only or a.only in n]
-    print(f"\nthreads={threads}, ctx={a.ctx}, load average {os.getloadavg()[0]:.1f} (machine shared: ratios, not absolutes)\n")
+    print(f"\nthreads={threads}, ctx={a.ctx}, load average {os.getloadavg()[0]:.1f} "
+          f"(on a shared machine compare ratios, not absolutes)\n")
     print(f"| case | windows | xvq tok/s | llama-perplexity tok/s | ratio | --kl-divergence tok/s | ratio |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

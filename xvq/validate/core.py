@@ -70,47 +70,34 @@ def evaluation_texts(text, heldout: bool) -> tuple[dict[str, str], str]:
 
 
 def tokenizer_samples(texts: dict[str, str]) -> list[str]:
-    """Lines of the evaluation text (spread evenly, at most TOKENIZER_SAMPLES) and the hard strings."""
-    lines = [ln for t in texts.values() for ln in t.splitlines() if ln.strip()]
-    step = max(1, len(lines) // TOKENIZER_SAMPLES)
-    samples = lines[::step][:TOKENIZER_SAMPLES]
-    try:    # the converter's multilingual hard-string sample (issue 3)
-        from xvq.validate.tokparity import parity_sample
-        samples += parity_sample()
-    except (ImportError, OSError):
-        pass
-    return samples
+    """400-character chunks of every evaluation text, each starting on a non-space character
+    (prompt-sized pieces, as issue 3 measures parity), plus the converter's hard strings."""
+    from xvq.validate.tokparity import chunks, parity_sample
+    samples = [c for t in texts.values() if t.strip() for c in chunks(t, max(1, len(t) // 400))]
+    step = max(1, len(samples) // TOKENIZER_SAMPLES)
+    return samples[::step][:TOKENIZER_SAMPLES] + parity_sample()
 
 
 # ---------------------------------------------------------------- tokenizer parity
 
-def token_mismatch(info: arts.ArtifactInfo, reference_dir: Path, ref_tok, samples: list[str]) -> tuple[float | None, dict]:
-    if info.kind == "gguf":
-        try:
-            from xvq.validate.tokparity import compare_tokenization
-        except ImportError as e:
-            return None, {"status": f"not measured: xvq.validate.tokparity unavailable ({e})"}
-        try:
-            res = compare_tokenization(info.path, reference_dir, samples)
-        except Exception as e:   # parity is a measurement; its failure must not stop scoring
-            return None, {"status": f"not measured: {type(e).__name__}: {e}"}
-        first = getattr(res, "first_diff", None)
-        return float(res.mismatch_rate), {"status": "measured", "method": "llama.cpp tokenizer vs HF",
-                                          "n_texts": len(samples), "first_diff": _jsonable(first)}
-    return hf_folder_mismatch(info.path, ref_tok, samples)
-
-
-def hf_folder_mismatch(folder: Path, ref_tok, samples: list[str]) -> tuple[float | None, dict]:
-    """A GPTQ/HF folder ships its own tokenizer: the fraction of samples it tokenizes differently."""
-    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
-        return None, {"status": "not measured: the folder has no tokenizer files"}
+def token_mismatch(info: arts.ArtifactInfo, reference_dir: Path, ref_tok,
+                   samples: list[str]) -> tuple[float | None, dict]:
+    """Share of tokens inside differing spans: the artifact's tokenizer (llama.cpp's for a GGUF,
+    the folder's own for GPTQ/HF) against the reference's HF tokenizer on the same texts."""
+    from xvq.validate.tokparity import compare_tokenization, compare_tokenizers, hf_tokenizer
     try:
-        tok = load_tokenizer(folder)
-    except XvqError as e:
-        return 1.0, {"status": f"tokenizer unreadable: {e}"}
-    diff = [s for s in samples if tok(s)["input_ids"] != ref_tok(s)["input_ids"]]
-    return len(diff) / max(1, len(samples)), {"status": "measured", "method": "HF tokenizer vs HF",
-                                              "n_texts": len(samples), "first_diff": diff[0][:200] if diff else None}
+        if info.kind == "gguf":
+            res, method = compare_tokenization(info.path, reference_dir, samples), "llama.cpp tokenizer vs HF"
+        elif any((info.path / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+            (ref, ref_piece), (art, art_piece) = hf_tokenizer(reference_dir), hf_tokenizer(info.path)
+            res, method = compare_tokenizers(ref, art, samples, ref_piece, art_piece), "HF tokenizer vs HF"
+        else:
+            return None, {"status": "not measured: the folder has no tokenizer files"}
+    except Exception as e:   # parity is a measurement; its failure must not stop scoring
+        return None, {"status": f"not measured: {type(e).__name__}: {e}"}
+    return res.n_tokens_differing / max(1, res.n_tokens), {
+        "status": "measured", "method": method, "n_texts": res.n_texts, "texts_differing": res.n_texts - res.n_equal,
+        "n_tokens": res.n_tokens, "tokens_differing": res.n_tokens_differing, "first_diff": _jsonable(res.first_diff)}
 
 
 def _jsonable(x):

@@ -21,7 +21,11 @@ class Thresholds:
         return asdict(self)
 
 
-MISMATCH = 0.0       # the converter promises an exact vocabulary: any tokenization difference fails
+# Share of tokens that llama.cpp tokenizes differently from HF. xvq's vocabulary is exact but for
+# llama.cpp behaviours no GGUF can change (docs/tokenizer-parity.md: a text that starts with a
+# punctuation mark or a space, about 0.2-0.6 per 1,000 tokens); a broken vocabulary is far above
+# this (llama.cpp's own converter on XVERSE: 92 per 1,000; merge order lost: 16 per 1,000).
+MISMATCH = 0.002
 
 DEFAULTS: dict[str, Thresholds] = {
     "F32": Thresholds(0.0005, 1.002, MISMATCH),

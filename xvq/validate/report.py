@@ -91,7 +91,8 @@ def markdown(data: dict) -> str:
     s = data["settings"]
     ref = data["reference"]
     lines = [
-        "| file | kind | type | size | bits/weight | PPL | PPL ratio | mean KLD | KLD p99 | same top-1 | tokenizer mismatch | gate |",
+        "| file | kind | type | size | bits/weight | PPL | PPL ratio | mean KLD | KLD p99 | same top-1 "
+        "| tokenizer mismatch | gate |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for a in data["artifacts"]:
@@ -118,6 +119,12 @@ def markdown(data: dict) -> str:
                 cells.append("n/a" if not m else f"{m['ppl_ratio']:.4f}" + ("" if m["passed"] else " ✗"))
             ref_ppl = r["perplexity"] if r["n_windows"] >= 2 else None
             out.append(f"| {lang} | {_f(ref_ppl, '.3f')} | " + " | ".join(cells) + " |")
+    checks = [(Path(a["path"]).name, a["kld_check"]) for a in data["artifacts"]
+              if a.get("kld_check") and a["kld_check"]["n_positions"]]
+    if checks:
+        out += ["", f"Top-{s['top_k']} KLD against the full-vocabulary KLD on the same positions:", ""]
+        out += [f"- `{name}`: {c['kld_topk']:.6g} vs {c['kld_full']:.6g} ({c['n_positions']} positions)"
+                for name, c in checks]
     fails = [a for a in data["artifacts"] if not a["passed"]]
     if fails:
         out += ["", "Failures:", ""]
