@@ -137,3 +137,30 @@ def test_gate_leaves_failures_out_and_exits_nonzero(built):
     assert [Path(x["path"]).name for x in res.left_out] == ["xverse-demo-q4_k_m.gguf"]
     assert any("KLD" in reason or "kld" in reason for reason in res.left_out[0]["reasons"])
     assert not list(res.package.rglob("*.gguf"))
+
+
+def test_split_package_gguf_loads_in_llama_cpp(tmp_path):
+    """A GGUF over the package's size limit is rewritten as llama.cpp shards that load as one model
+    and compute the same logits."""
+    import numpy as np
+    from llama_cpp import Llama
+    from xvq.convert import convert
+    from xvq.release.package import place_gguf, verify, write_sums
+    if not DEMO.is_dir():
+        pytest.skip("demo model not built")
+    src = convert(DEMO, tmp_path / "src" / "xverse-demo-q8_0.gguf", "q8_0", progress=False)[0]
+    pkg = tmp_path / "pkg"
+    shards = place_gguf(src, pkg, max_bytes=2_000_000)
+    assert len(shards) >= 2 and shards[0].name == "xverse-demo-q8_0-00001-of-%05d.gguf" % len(shards)
+    assert all(s.stat().st_size < src.stat().st_size for s in shards)
+    ids = list(range(5, 69))
+
+    def logits(path):
+        llm = Llama(str(path), n_ctx=128, logits_all=True, verbose=False)
+        llm.eval(ids)
+        out = np.array(llm.scores[:len(ids)])
+        llm.close()
+        return out
+    np.testing.assert_array_equal(logits(shards[0]), logits(src))
+    write_sums(pkg)
+    assert verify(pkg) == []

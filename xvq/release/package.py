@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import gguf
+import numpy as np
 
 from xvq.errors import XvqError
 from xvq.release.stamps import sha256_file
@@ -45,13 +46,14 @@ def _copy_kv(reader: gguf.GGUFReader, writer: gguf.GGUFWriter) -> None:
 def split_gguf(src: Path, dst: Path, max_bytes: int) -> list[Path]:
     """Rewrite `src` as dst-0000k-of-0000n.gguf shards of at most max_bytes of tensor data
     (llama.cpp loads the first shard and finds the rest). Tensor bytes are copied as they are."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
     reader = gguf.GGUFReader(src)
     arch = reader.fields["general.architecture"].contents()
     writer = gguf.GGUFWriter(None, arch, split_max_size=max_bytes)
     _copy_kv(reader, writer)
-    for t in reader.tensors:
-        writer.add_tensor_info(t.name, tuple(reversed([int(x) for x in t.shape])), t.data.dtype, int(t.n_bytes),
-                               raw_dtype=t.tensor_type)
+    for t in reader.tensors:   # element shape + raw type: the bytes are copied, never converted
+        writer.add_tensor_info(t.name, tuple(reversed([int(x) for x in t.shape])), np.dtype(np.float32),
+                               int(t.n_bytes), raw_dtype=t.tensor_type)
     writer.write_header_to_file(dst)
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
