@@ -107,18 +107,20 @@ def markdown(data: dict) -> str:
            f"{s['n_tokens_scored']} tokens scored (second half of each window); text: {s['text']}; "
            f"KLD on the reference's top-{s['top_k']} tokens plus the rest as one bin.", "", *lines]
     langs = list(ref["per_language"])
+    scored = [lang for lang in langs if ref["per_language"][lang]["n_windows"] >= 2]
     if len(langs) > 1 and data["artifacts"]:
         names = [Path(a["path"]).name for a in data["artifacts"]]
-        out += ["", "Perplexity ratio by language (✗: fails its gate; n/a: fewer than two windows of text):", "",
+        out += ["", "Perplexity ratio by language (✗: fails its gate):", "",
                 "| language | reference PPL | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
-        for lang in langs:
-            r = ref["per_language"][lang]
+        for lang in scored:
             cells = []
             for a in data["artifacts"]:
                 m = (a.get("per_language") or {}).get(lang)
                 cells.append("n/a" if not m else f"{m['ppl_ratio']:.4f}" + ("" if m["passed"] else " ✗"))
-            ref_ppl = r["perplexity"] if r["n_windows"] >= 2 else None
-            out.append(f"| {lang} | {_f(ref_ppl, '.3f')} | " + " | ".join(cells) + " |")
+            out.append(f"| {lang} | {_f(ref['per_language'][lang]['perplexity'], '.3f')} | " + " | ".join(cells) + " |")
+        unscored = [lang for lang in langs if lang not in scored]
+        if unscored:
+            out += ["", f"n/a (fewer than two windows of text): {', '.join(unscored)}."]
     checks = [(Path(a["path"]).name, a["kld_check"]) for a in data["artifacts"]
               if a.get("kld_check") and a["kld_check"]["n_positions"]]
     if checks:
