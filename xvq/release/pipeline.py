@@ -116,8 +116,9 @@ def split_report(data: dict, keep: list[str]) -> dict:
 def build_package(model_dir: Path, layout: Layout, data: dict, ggufs: list[Path], gptqs: list[Path],
                   split_bytes: int, src_hash: str, log) -> tuple[Path, list[str], list[dict]]:
     from xvq.validate.report import markdown
-    fam = family_for(read_config(model_dir))
-    base_model = read_config(model_dir).get("_name_or_path") or f"xverse/{layout.name}"
+    config = read_config(model_dir)
+    fam = family_for(config)
+    base_model = config.get("_name_or_path") or layout.name
     entries = {a["path"]: a for a in data["artifacts"]}
     passed = [p for p in ggufs + gptqs if entries.get(str(p), {}).get("passed")]
     left_out = [{"path": str(p), "reasons": entries.get(str(p), {}).get("reasons", ["not validated"]),
