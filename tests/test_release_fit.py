@@ -96,3 +96,26 @@ def test_fit_command_recommends_largest_that_fits(tmp_path, demo_f16):
     assert "recommended for 8 GB: demo-f16.gguf" in r.output
     r = CliRunner().invoke(main, ["fit", str(demo_f16), "--ram", "0.01G"])
     assert r.exit_code != 0 and "nothing fits" in r.output
+
+
+def test_run_generates_what_transformers_generates(tmp_path):
+    """`xvq run` (greedy, llama.cpp) continues a prompt as transformers' greedy generate does."""
+    import torch
+    import xvq  # noqa: F401
+    from click.testing import CliRunner
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from tests.conftest import DEMO
+    from xvq.cli import main
+    from xvq.convert import convert
+    if not DEMO.is_dir():
+        pytest.skip("demo model not built")
+    gguf_path = convert(DEMO, tmp_path / "demo-f32.gguf", "f32", progress=False)[0]
+    prompt = "The old lighthouse on the northern cape"
+    r = CliRunner().invoke(main, ["run", str(gguf_path), "-p", prompt, "-n", "12"])
+    assert r.exit_code == 0, r.output
+    tok = AutoTokenizer.from_pretrained(DEMO)
+    model = AutoModelForCausalLM.from_pretrained(DEMO, dtype=torch.float32)
+    ids = tok(prompt, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=12, do_sample=False)
+    expected = tok.decode(out[0], skip_special_tokens=True)
+    assert r.output.strip().splitlines()[-1] == expected
