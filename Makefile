@@ -51,10 +51,9 @@ validate: setup
 release: setup
 	$(XVQ) release $(MODEL) $(NAMEOPT) --out-root $(OUT)
 
+# Speed and memory against llama.cpp's own tools, each a printed table with ratios (slow).
 bench: setup anchors
-	$(BIN)/python bench/convert.py
-	$(BIN)/python bench/quantize.py
-	$(BIN)/python bench/validate.py
+	for b in convert quantize validate gptq gptq_moe delta tokenizer_parity; do $(BIN)/python bench/$$b.py || exit 1; done
 
 clean:
 	rm -rf $(OUT) .pytest_cache
