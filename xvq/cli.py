@@ -31,9 +31,11 @@ class LazyGroup(click.Group):
         try:
             return getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as e:
-            @click.command(name, help=f"(unavailable: {e})")
+            reason = str(e)   # `e` itself is unbound once the except block ends
+
+            @click.command(name, help=f"(unavailable: {reason})")
             def unavailable():
-                raise click.ClickException(f"`xvq {name}` is not available in this build: {e}")
+                raise click.ClickException(f"`xvq {name}` is not available in this build: {reason}")
             return unavailable
 
 
