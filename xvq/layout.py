@@ -15,6 +15,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_ROOT = Path("out")
+GGUF_SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")   # llama.cpp's split files: NAME-0000k-of-0000n.gguf
+
+
+def is_first_gguf(path: Path | str) -> bool:
+    """A whole GGUF, or the first shard of a split one (the file llama.cpp is given)."""
+    m = GGUF_SHARD.search(Path(path).name)
+    return m is None or int(m.group(1)) == 1
+
+
+def gguf_shards(first: Path) -> list[Path]:
+    """Every file of a GGUF: itself, or all shards named from the first."""
+    m = GGUF_SHARD.search(first.name)
+    if not m:
+        return [first]
+    stem, n = first.name[:m.start()], int(m.group(2))
+    return [first.with_name(f"{stem}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)]
 
 
 def model_name(model_dir: Path | str, name: str | None = None) -> str:
@@ -79,8 +95,7 @@ class Layout:
         """Every finished GGUF in the layout (first shard only for split files)."""
         if not self.gguf_dir.is_dir():
             return []
-        return sorted(p for p in self.gguf_dir.glob("*.gguf")
-                      if not p.name.startswith(".") and not re.search(r"-0000[2-9]-of-|-000[1-9]\d-of-", p.name))
+        return sorted(p for p in self.gguf_dir.glob("*.gguf") if not p.name.startswith(".") and is_first_gguf(p))
 
     def gptqs(self) -> list[Path]:
         if not self.gptq_root.is_dir():

@@ -205,10 +205,10 @@ def read_header(path: Path) -> GgufHeader:
 def other_shards(first: Path, count: int) -> list[Path]:
     """The remaining files of a split GGUF (llama.cpp's <prefix>-0000k-of-0000n.gguf); llama.cpp
     itself finds them from the first one."""
-    m = re.fullmatch(r"(.*)-(\d{5})-of-(\d{5})\.gguf", first.name)
-    if count <= 1 or not m:
+    from xvq.layout import gguf_shards
+    if count <= 1:
         return []
-    paths = [first.with_name(f"{m.group(1)}-{i:05d}-of-{count:05d}.gguf") for i in range(2, count + 1)]
+    paths = gguf_shards(first)[1:]
     missing = [p.name for p in paths if not p.is_file()]
     if missing:
         raise XvqError(f"{first}: split GGUF is missing {', '.join(missing)}; put all shards in one folder")

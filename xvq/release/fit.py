@@ -34,38 +34,28 @@ class GgufShapes:
     file_type: str
 
 
-def _field(reader, key, default=None):
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    return f.contents()
-
-
 def gguf_shapes(path: Path | str) -> GgufShapes:
-    """Shapes from the GGUF header; weight bytes summed over every shard."""
+    """Shapes from the GGUF header(s); weight bytes summed over every shard. Reads headers only
+    (xvq.quantize.gguf.read_header), not the vocabulary, so a 100k-token file costs milliseconds."""
     import gguf
-    from xvq.errors import XvqError
+    from xvq.convert.writer import nbytes
+    from xvq.quantize.gguf import other_shards, read_header
     path = Path(path)
-    try:
-        r = gguf.GGUFReader(path)
-    except Exception as e:
-        raise XvqError(f"{path}: not a readable GGUF ({e}); pass a .gguf file") from e
-    arch = _field(r, "general.architecture")
-    n_head = int(_field(r, f"{arch}.attention.head_count"))
-    n_embd = int(_field(r, f"{arch}.embedding_length"))
-    head_dim = int(_field(r, f"{arch}.attention.key_length", n_embd // n_head))
-    tokens = r.fields.get("tokenizer.ggml.tokens")
-    weights = sum(int(t.n_bytes) for t in r.tensors)
-    split_count = int(_field(r, "split.count", 1) or 1)
-    if split_count > 1:
-        for shard in sorted(path.parent.glob(path.name.replace("-00001-of-", "-*-of-"))):
-            if shard != path:
-                weights += sum(int(t.n_bytes) for t in gguf.GGUFReader(shard).tensors)
-    ftype = _field(r, "general.file_type")
+    first = read_header(path)
+    kv = first.kv
+    tensors = dict(first.tensors)
+    for shard in other_shards(path, int(kv.get("split.count") or 1)):
+        tensors |= read_header(shard).tensors
+    arch = kv["general.architecture"]
+    n_head = int(kv[f"{arch}.attention.head_count"])
+    n_embd = int(kv[f"{arch}.embedding_length"])
+    weights = sum(nbytes(shape, gguf.GGMLQuantizationType(t)) for shape, t in tensors.values())
+    ftype = kv.get("general.file_type")
     return GgufShapes(
-        n_layer=int(_field(r, f"{arch}.block_count")), n_embd=n_embd, n_head=n_head,
-        n_head_kv=int(_field(r, f"{arch}.attention.head_count_kv", n_head)), head_dim=head_dim,
-        n_vocab=len(tokens.data) if tokens else int(_field(r, f"{arch}.vocab_size", 0)),
+        n_layer=int(kv[f"{arch}.block_count"]), n_embd=n_embd, n_head=n_head,
+        n_head_kv=int(kv.get(f"{arch}.attention.head_count_kv", n_head)),
+        head_dim=int(kv.get(f"{arch}.attention.key_length", n_embd // n_head)),
+        n_vocab=int(tensors["token_embd.weight"][0][1]),   # ggml shape (n_embd, n_vocab): every row, padding too
         weights_bytes=weights, file_type=gguf.LlamaFileType(ftype).name if ftype is not None else "?")
 
 
@@ -126,12 +116,12 @@ def fit_cmd(target: Path, ram: str, ctx: int, name, out_root):
     """Recommend the best-quality GGUF that fits a machine (TARGET: a .gguf, a folder of them, or a model
     folder whose out/<name>/gguf/ holds them)."""
     from xvq.errors import XvqError
-    from xvq.layout import Layout
+    from xvq.layout import Layout, is_first_gguf
     if target.is_file():
         candidates = [target]
     else:
         folder = target if any(target.glob("*.gguf")) else Layout.for_model(target, name, out_root).gguf_dir
-        candidates = [p for p in sorted(folder.glob("*.gguf")) if "-0000" not in p.name or "-00001-of-" in p.name]
+        candidates = [p for p in sorted(folder.glob("*.gguf")) if is_first_gguf(p)]
     if not candidates:
         raise XvqError(f"{target}: no GGUF files found; run `xvq quantize gguf` first or pass a .gguf")
     gb = parse_ram(ram)

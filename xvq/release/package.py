@@ -11,6 +11,7 @@ import gguf
 import numpy as np
 
 from xvq.errors import XvqError
+from xvq.layout import is_first_gguf
 from xvq.release.stamps import sha256_file
 
 SUMS = "SHA256SUMS"
@@ -85,7 +86,7 @@ def write_manifest(root: Path, meta: dict) -> Path:
 
 
 def first_shards(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*.gguf") if "-of-" not in p.name or "-00001-of-" in p.name)
+    return sorted(p for p in root.rglob("*.gguf") if is_first_gguf(p))
 
 
 def verify(root: Path, load: bool = True) -> list[str]:

@@ -10,12 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from xvq.checkpoint import read_config
-from xvq.errors import XvqError
 from xvq.fsio import atomic_output
-from xvq.layout import Layout, quant_tag
+from xvq.layout import Layout, is_first_gguf, quant_tag
 from xvq.models import family_for
 from xvq.release import card, package
-from xvq.release.fit import fit_table, gguf_shapes, memory_needed
+from xvq.release.fit import fit_table
 from xvq.release.stamps import Stamps, fingerprint, sha256_file
 
 # XVERSE's own released GGUF set, and its GPTQ Int4/Int8.
@@ -114,7 +113,7 @@ def split_report(data: dict, keep: list[str]) -> dict:
 
 
 def build_package(model_dir: Path, layout: Layout, data: dict, ggufs: list[Path], gptqs: list[Path],
-                  split_bytes: int, src_hash: str, log) -> tuple[Path, list[str], list[dict]]:
+                  split_bytes: int, src_hash: str, log) -> tuple[list[str], list[dict]]:
     from xvq.validate.report import markdown
     config = read_config(model_dir)
     fam = family_for(config)
@@ -130,7 +129,7 @@ def build_package(model_dir: Path, layout: Layout, data: dict, ggufs: list[Path]
         kept_ggufs = [p for p in ggufs if p in passed]
         if kept_ggufs:
             placed = [f for p in kept_ggufs for f in package.place_gguf(p, gguf_dir, split_bytes)]
-            first = [f for f in placed if "-of-" not in f.name or "-00001-of-" in f.name]
+            first = [f for f in placed if is_first_gguf(f)]
             if plot.is_file():
                 shutil.copy(plot, gguf_dir / "report.png")
             best = max(kept_ggufs, key=lambda p: p.stat().st_size if "q4_k_m" not in p.name else 1e30)
@@ -151,7 +150,7 @@ def build_package(model_dir: Path, layout: Layout, data: dict, ggufs: list[Path]
         package.write_sums(root)
         package.write_manifest(root, manifest_meta(model_dir, layout, data, src_hash, left_out))
     log(f"package: {layout.release_dir}")
-    return layout.release_dir, [str(p) for p in passed], left_out
+    return [str(p) for p in passed], left_out
 
 
 def manifest_meta(model_dir: Path, layout: Layout, data: dict, src_hash: str, left_out: list[dict]) -> dict:
@@ -188,19 +187,15 @@ def release(model_dir: Path | str, *, name: str | None = None, out_root: Path | 
     gptqs = build_gptqs(model_dir, layout, list(gptq_bits), stamps, src_fp, calib_tokens)
     options = validate_options or {}
     data = run_validate(model_dir, layout, ggufs + gptqs, stamps, src_fp, options)
-    result = ReleaseResult(layout.release_dir)
+    summary = layout.base / ".stamps" / "package-result.json"   # who was packaged, for reruns that skip
 
     def pack():
-        nonlocal result
-        src_hash = model_hash(model_dir)
-        root, included, left_out = build_package(model_dir, layout, data, ggufs, gptqs,
-                                                 parse_size(split_max_size), src_hash, log)
-        (layout.base / ".stamps").mkdir(parents=True, exist_ok=True)
-        (layout.base / ".stamps" / "package-result.json").write_text(json.dumps({"included": included, "left_out": left_out}))
+        included, left_out = build_package(model_dir, layout, data, ggufs, gptqs, parse_size(split_max_size),
+                                           model_hash(model_dir), log)
+        summary.parent.mkdir(parents=True, exist_ok=True)
+        summary.write_text(json.dumps({"included": included, "left_out": left_out}))
     stamps.run("package", {"report": fingerprint([layout.validate_dir / "report.json"]),
                            "artifacts": fingerprint(ggufs + gptqs), "split": split_max_size},
                [layout.release_dir / package.SUMS], pack)
-    saved = json.loads((layout.base / ".stamps" / "package-result.json").read_text())
-    result.included, result.left_out = saved["included"], saved["left_out"]
-    result.ran, result.skipped = stamps.ran, stamps.skipped
-    return result
+    saved = json.loads(summary.read_text())
+    return ReleaseResult(layout.release_dir, saved["included"], saved["left_out"], stamps.ran, stamps.skipped)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-SPLIT_RE = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
+from xvq.layout import gguf_shards
 
 
 @dataclass
@@ -22,15 +22,6 @@ class ArtifactInfo:
     n_vocab: int | None = None
     tokens: list[str] | None = field(default=None, repr=False)   # GGUF token list, for the vocab check
     error: str | None = None
-
-
-def gguf_shards(path: Path) -> list[Path]:
-    m = SPLIT_RE.search(path.name)
-    if not m:
-        return [path]
-    n = int(m.group(2))
-    stem = path.name[: m.start()]
-    return [path.with_name(f"{stem}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)]
 
 
 def file_type_name(value: int) -> str | None:
