@@ -26,7 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 from xvq import anchors  # noqa: E402
 from xvq.quantize.gguf import quantize_file  # noqa: E402
-from xvq.quantize.imatrix import Imatrix, LlamaModel, chunks_of, compute_imatrix  # noqa: E402
+from xvq.llamacpp import Gguf  # noqa: E402
+from xvq.quantize.imatrix import Imatrix, chunks_of, compute_imatrix  # noqa: E402
 
 
 def default_model() -> Path:
@@ -54,8 +55,8 @@ def log_softmax(x):
 
 
 def logits(path, chunks, n_ctx, threads):
-    with LlamaModel(path, n_ctx, n_threads=threads) as m:
-        return np.concatenate([m.eval_chunk(c) for c in chunks])
+    with Gguf(path, gpu_layers=0) as m, m.context(n_ctx, n_ubatch=n_ctx, threads=threads) as ctx:
+        return np.concatenate([ctx.decode(c).copy() for c in chunks])
 
 
 def kld(ref, path, chunks, n_ctx, threads) -> float:
@@ -119,7 +120,7 @@ def main(model, text, types, n_ctx, threads, eval_chunks):
             print(f"{name:18s} {size:>14s} {a:8.2f} {b:12.2f} {a / b:7.2f}  {note}")
 
         # --- quality ---
-        with LlamaModel(f32, n_ctx, n_threads=threads) as m:
+        with Gguf(f32, vocab_only=True) as m:
             chunks = chunks_of(m.tokenize(held), n_ctx, m.bos if m.add_bos else None, eval_chunks)
         ref_logits = logits(f32, chunks, n_ctx, threads)
         print(f"\nKL divergence to f32 on {len(chunks)} held-out chunks of {n_ctx} "

@@ -132,7 +132,7 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="run only cases whose name contains this")
     a = ap.parse_args()
     from xvq import anchors
-    from xvq.validate.backends import default_threads
+    from xvq.llamacpp import default_threads
     if not anchors.available():
         sys.exit("llama.cpp tools are not built: python -m xvq.anchors build")
     threads = a.threads or default_threads()

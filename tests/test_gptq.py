@@ -162,10 +162,6 @@ def test_llama_spm_int8_cli_layout(tmp_path, spm_tokenizer_dir, monkeypatch):
     import xvq.quantize.gptq as gptq
     from xvq.cli import main
     src = structured_checkpoint(tmp_path / "tiny-llama", "llama", spm_tokenizer_dir, num_key_value_heads=2)
-    try:
-        import xvq.calib_data  # noqa: F401
-    except ImportError:   # until the calibration set exists: the same literal text the tests use
-        monkeypatch.setattr(gptq, "calibration_texts", lambda *a: corpus_texts(heldout=False))
     res = CliRunner().invoke(main, ["quantize", "gptq", str(src), "--out-root", str(tmp_path / "out"),
                                     "--bits", "8", "--calib-tokens", "4096"])
     assert res.exit_code == 0, res.output + repr(res.exception)

@@ -321,7 +321,7 @@ def test_effective_types_of_real_moe_by_hand():
     """XVERSE-MoE-A4.2B: rows of 1728 (experts' down) and 3456 (shared down) are not multiples of
     256, so k-quants fall back; Q4_K_M's extra bits on use_more_bits layers become Q8_0."""
     from xvq.models import family_for
-    from xvq.models.quant_types import effective_tensor_types
+    from xvq.quantize import effective_tensor_types
     fam = family_for(json.loads(shared("xverse-configs", "XVERSE-MoE-A4.2B", "config.json").read_text()))
     t = effective_tensor_types(fam, "Q4_K_M")
     more_bits = {0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 24, 25, 26, 27}  # i<28/8, i>=7*28/8, (i-3)%3==2
@@ -358,7 +358,7 @@ def test_effective_types_match_llama_cpp_quantizer(moe_8_layers, ftype, tmp_path
     import gguf
     from llama_cpp import llama_cpp as C
     from xvq.models import family_for
-    from xvq.models.quant_types import effective_tensor_types
+    from xvq.quantize import effective_tensor_types
     src, cfg = moe_8_layers
     params = C.llama_model_quantize_default_params()
     params.ftype = getattr(C, f"LLAMA_FTYPE_MOSTLY_{ftype}")

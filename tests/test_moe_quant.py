@@ -94,7 +94,8 @@ def test_per_expert_imatrix_matches_llama_imatrix_and_torch_routing(tiny_moe, re
     from xvq import anchors
     from xvq.convert import convert
     from xvq.models import family_for
-    from xvq.quantize.imatrix import Imatrix, LlamaModel, chunks_of, compute_imatrix
+    from xvq.llamacpp import Gguf
+    from xvq.quantize.imatrix import Imatrix, chunks_of, compute_imatrix
     exe = anchors.tool("llama-imatrix", build=False)
     if exe is None:
         pytest.skip("llama.cpp tool llama-imatrix not built (python -m xvq.anchors build)")
@@ -108,7 +109,7 @@ def test_per_expert_imatrix_matches_llama_imatrix_and_torch_routing(tiny_moe, re
     ours = compute_imatrix(gguf, text.read_text(), n_ctx=N_CTX, n_threads=1, progress=False)
 
     # the same chunks through the HF model: routing counts and experts' input squares
-    with LlamaModel(gguf, N_CTX, n_threads=1, logits=False) as m:
+    with Gguf(gguf, vocab_only=True) as m:
         chunks = chunks_of(m.tokenize(text.read_text()), N_CTX, m.bos if m.add_bos else None)
     fam = family_for(json.loads((tiny_moe / "config.json").read_text()))
     n_layer, n_expert = fam.hp.n_layer, fam.hp.n_expert

@@ -200,11 +200,8 @@ def non_weight_files(folder: Path) -> list[Path]:
 
 
 def _write_model(steps: list[Step], files_from: Path, outdir: Path, shard_size: str | int, desc: str) -> Path:
-    from xvq.convert.writer import parse_size
-    try:
-        max_bytes = parse_size(shard_size)
-    except ValueError as e:
-        raise XvqError(f"--shard-size: {e}") from None
+    from xvq.llamacpp import parse_size
+    max_bytes = parse_size(shard_size, "--shard-size")
     outdir = Path(outdir)
     if outdir.exists() and (not outdir.is_dir() or any(outdir.iterdir())):
         raise XvqError(f"{outdir}: already exists and is not empty; remove it or choose another --outdir")

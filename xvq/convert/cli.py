@@ -23,6 +23,6 @@ def convert_cmd(model_dir, outfile, outtype, split_max_size, name, chat_template
                       chat_template=chat_template, rope_theta=rope_theta)
     for p in written:
         click.echo(f"wrote {p} ({p.stat().st_size / 1e6:.1f} MB)")
-    from xvq.validate.tokparity import compare_tokenization, parity_sample
+    from xvq.validate import compare_tokenization, parity_sample
     parity = compare_tokenization(written[0], model_dir, parity_sample())
     click.echo(f"tokenizer parity with Hugging Face on the built-in multilingual sample: {parity.summary()}")

@@ -12,10 +12,11 @@ from tqdm import tqdm
 
 from xvq.checkpoint import Checkpoint, open_checkpoint
 from xvq.convert.vocab import add_vocab
-from xvq.convert.writer import OUTTYPES, StreamingWriter, parse_size, tensor_type
+from xvq.convert.writer import OUTTYPES, StreamingWriter, tensor_type
 from xvq.errors import XvqError
 from xvq.fsio import ensure_writable_dir, temp_sibling
 from xvq.layout import model_name
+from xvq.llamacpp import parse_size
 from xvq.models import Family, family_for
 
 
@@ -83,10 +84,7 @@ def convert(model_dir: Path | str, outfile: Path | str, outtype: str = "f16", *,
         raise XvqError(f"--outtype {outtype}: unknown; use one of {', '.join(OUTTYPES)}")
     if outfile.is_dir():
         raise XvqError(f"{outfile}: is a folder; give --outfile a file name ending in .gguf")
-    try:
-        max_shard = parse_size(split_max_size)
-    except ValueError as e:
-        raise XvqError(f"--split-max-size: {e}") from None
+    max_shard = parse_size(split_max_size, "--split-max-size")
     ckpt = open_checkpoint(model_dir)
     fam = family_for(ckpt.config, str(model_dir / "config.json"))
     if rope_theta:

@@ -3,13 +3,13 @@ written in row blocks straight to the file, so memory holds one block, never the
 from __future__ import annotations
 
 import functools
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
 import numpy as np
 
+from xvq.llamacpp import tensor_nbytes
 from xvq.models.base import OutTensor
 
 QT = gguf.GGMLQuantizationType
@@ -21,18 +21,6 @@ OUTTYPES = {"f32": (QT.F32, gguf.LlamaFileType.ALL_F32), "f16": (QT.F16, gguf.Ll
 BLOCK_BYTES = 4 << 20
 
 
-def parse_size(text: str | int | None) -> int:
-    """'4G' -> 4_000_000_000 (llama.cpp's split sizes are decimal)."""
-    if not text:
-        return 0
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", str(text).upper())
-    if not m:
-        raise ValueError(f"size {text!r}: use a number with K, M, G or T, e.g. 4G")
-    return int(float(m.group(1)) * {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}[m.group(2)])
-
-
 def tensor_type(t: OutTensor, outtype: str) -> QT:
     """llama.cpp's rule: 1-D tensors and the MoE router stay F32; Q8_0 needs rows of 32."""
     want = OUTTYPES[outtype][0]
@@ -41,11 +29,6 @@ def tensor_type(t: OutTensor, outtype: str) -> QT:
     if want == QT.Q8_0 and t.shape[-1] % 32:
         return QT.F16
     return want
-
-
-def nbytes(shape: tuple[int, ...], qtype: QT) -> int:
-    block, size = gguf.GGML_QUANT_SIZES[qtype]
-    return int(np.prod(shape)) // block * size
 
 
 _STORED = {"BF16": "bf16", "bfloat16": "bf16", "F16": "f16", "float16": "f16", "F32": "f32", "float32": "f32"}
@@ -90,7 +73,7 @@ class StreamingWriter(gguf.GGUFWriter):
     """GGUFWriter whose tensors are announced with `plan` and written with `stream`."""
 
     def plan(self, t: OutTensor, qtype: QT) -> Planned:
-        self.add_tensor_info(t.name, t.shape, np.dtype(np.float32), nbytes(t.shape, qtype), raw_dtype=qtype)
+        self.add_tensor_info(t.name, t.shape, np.dtype(np.float32), tensor_nbytes(t.shape, qtype), raw_dtype=qtype)
         return Planned(t, qtype)
 
     def begin(self, path: Path) -> None:
@@ -120,3 +103,14 @@ class StreamingWriter(gguf.GGUFWriter):
             raise RuntimeError(f"{t.name}: wrote {written} bytes, expected {info.nbytes}")
         self.write_padding(fout, written)
         self.state = gguf.gguf_writer.WriterState.WEIGHTS
+
+
+def planned_tensors(fam, outtype: str = "f16") -> dict[str, tuple[tuple[int, ...], str]]:
+    """The GGUF tensors `xvq convert` writes for a family's config (names, shapes rows-first,
+    types), from the config alone: the family maps its expected shapes as it would real tensors."""
+    from xvq.models.base import SourceTensor
+
+    def unreadable(sel):
+        raise RuntimeError("shape-only source")
+    sources = {n: SourceTensor(n, tuple(shape), "F16", unreadable) for n, shape in fam.expected_shapes().items()}
+    return {t.name: (tuple(t.shape), tensor_type(t, outtype).name) for t in fam.gguf_tensors(sources)}

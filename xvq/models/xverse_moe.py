@@ -24,7 +24,7 @@ import numpy as np
 
 from xvq.errors import XvqError
 from xvq.models.base import Hparams, OutTensor, RowReader, SourceTensor, register
-from xvq.models.quant_types import gguf_order
+from xvq.llamacpp.quant_types import gguf_order
 from xvq.models.xverse import Xverse
 
 EXPERT_RE = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from xvq.llamacpp.runtime import GPU_LAYERS_HELP
+
 
 @click.group("quantize", context_settings={"help_option_names": ["-h", "--help"]})
 def quantize_group():
@@ -31,8 +33,9 @@ def quantize_group():
 @click.option("--calib-tokens", type=int, default=None, help="Calibration budget in tokens (default 65536).")
 @click.option("--ctx", "n_ctx", type=int, default=512, show_default=True, help="imatrix chunk size in tokens.")
 @click.option("--threads", type=int, default=0, help="Threads (default: all cores).")
+@click.option("--gpu-layers", default="auto", show_default=True, help=GPU_LAYERS_HELP)
 def gguf_cmd(source, types, imatrix, outdir, outfile, output_tensor_type, token_embedding_type, name, out_root,
-             calib_file, calib_tokens, n_ctx, threads):
+             calib_file, calib_tokens, n_ctx, threads, gpu_layers):
     """Quantize SOURCE (a GGUF, or a model folder: converted to the layout's f16 GGUF first)
     with llama.cpp's quantizer; several --type reuse one importance matrix."""
     from xvq.quantize.gguf import DEFAULT_CALIB_TOKENS, quantize
@@ -41,7 +44,7 @@ def gguf_cmd(source, types, imatrix, outdir, outfile, output_tensor_type, token_
     quantize(source, list(types), imatrix=imatrix, outdir=outdir, outfile=outfile, name=name, out_root=out_root,
              output_tensor_type=output_tensor_type, token_embedding_type=token_embedding_type,
              calib_file=calib_file, calib_tokens=calib_tokens or DEFAULT_CALIB_TOKENS, n_ctx=n_ctx,
-             n_threads=threads, log=click.echo)
+             n_threads=threads, gpu_layers=gpu_layers, log=click.echo)
 
 
 @quantize_group.command("imatrix")
@@ -54,17 +57,16 @@ def gguf_cmd(source, types, imatrix, outdir, outfile, output_tensor_type, token_
 @click.option("--calib-tokens", type=int, default=None, help="Calibration budget in tokens (default 65536).")
 @click.option("--ctx", "n_ctx", type=int, default=512, show_default=True, help="Chunk size in tokens.")
 @click.option("--threads", type=int, default=0, help="Threads (default: all cores).")
-def imatrix_cmd(source, output, name, out_root, calib_file, calib_tokens, n_ctx, threads):
+@click.option("--gpu-layers", default="auto", show_default=True, help=GPU_LAYERS_HELP)
+def imatrix_cmd(source, output, name, out_root, calib_file, calib_tokens, n_ctx, threads, gpu_layers):
     """Measure an importance matrix for SOURCE (GGUF or model folder) in llama.cpp's GGUF imatrix
     format, to reuse with `xvq quantize gguf --imatrix FILE` or llama-quantize --imatrix."""
-    from xvq.quantize.gguf import DEFAULT_CALIB_TOKENS, calibration, layout_for, resolve_source
-    from xvq.quantize.imatrix import compute_imatrix
+    from xvq.quantize.gguf import DEFAULT_CALIB_TOKENS, layout_for, measure_imatrix, source_gguf
     layout = layout_for(source, name, out_root)
-    src, model_dir = resolve_source(source, layout)
-    calib = calibration(calib_file, budget_tokens=calib_tokens or DEFAULT_CALIB_TOKENS, tokenizer_dir=model_dir)
-    im = compute_imatrix(src, calib.text, dataset=calib.dataset, n_ctx=n_ctx, n_threads=threads or None)
-    out = im.save(output or layout.imatrix())
-    click.echo(f"wrote {out} ({len(im)} entries, {im.chunk_count} chunks of {n_ctx})")
+    src = source_gguf(source, layout)
+    measure_imatrix(src, output or layout.imatrix(), calib_file=calib_file,
+                    calib_tokens=calib_tokens or DEFAULT_CALIB_TOKENS, tokenizer_dir=source if source.is_dir() else None,
+                    n_ctx=n_ctx, n_threads=threads, gpu_layers=gpu_layers, log=click.echo)
 
 
 def _register_optional(module: str, attr: str) -> None:

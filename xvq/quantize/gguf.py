@@ -1,98 +1,21 @@
-"""GGUF → quantized GGUF through llama.cpp's own quantizer (`llama_model_quantize` in
-llama-cpp-python), with xvq's importance matrix handed over in memory."""
+"""GGUF → quantized GGUF through llama.cpp's own quantizer (`xvq.llamacpp.quantize_model`), with
+xvq's importance matrix handed over in memory; and the one convert → imatrix → quantize pipeline
+that `xvq quantize gguf` and `xvq release` both run."""
 from __future__ import annotations
 
-import ctypes
 import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import gguf
-import numpy as np
 from tqdm import tqdm
 
 from xvq.errors import XvqError
 from xvq.fsio import atomic_output
-from xvq.quantize.imatrix import Imatrix
-
-GGML_LOG_LEVEL_ERROR = 4
-
-
-@dataclass(frozen=True)
-class QuantType:
-    name: str          # llama-quantize's name, e.g. Q4_K_M
-    ftype: int         # llama_ftype
-    main: str          # ggml type of most weights (llama_ftype_get_default_type)
-    needs_imatrix: bool = False   # llama.cpp refuses without one
-
-    @property
-    def bpw(self) -> float:
-        """Nominal bits per weight of the main tensor type."""
-        return TYPE_BPW[self.main]
-
-
-# ggml type -> bits per weight (block bytes * 8 / block elements), from ggml's type traits
-TYPE_BPW = {"F32": 32.0, "F16": 16.0, "BF16": 16.0, "Q8_0": 8.5, "Q6_K": 6.5625, "Q5_K": 5.5, "Q5_1": 6.0,
-            "Q5_0": 5.5, "Q4_K": 4.5, "Q4_1": 5.0, "Q4_0": 4.5, "IQ4_NL": 4.5, "IQ4_XS": 4.25, "Q3_K": 3.4375,
-            "IQ3_S": 3.4375, "IQ3_XXS": 3.0625, "Q2_K": 2.625, "IQ2_S": 2.5625, "IQ2_XS": 2.3125,
-            "IQ2_XXS": 2.0625, "IQ1_M": 1.75, "IQ1_S": 1.5625, "TQ2_0": 2.0625, "TQ1_0": 1.6875,
-            "MXFP4": 4.25, "NVFP4": 4.5, "Q1_0": 1.125, "Q2_0": 2.25}
-
-# Every type llama-quantize offers (tools/quantize/quantize.cpp QUANT_OPTIONS), with the ggml type
-# its weights get (llama-quant.cpp llama_ftype_get_default_type) and llama.cpp's imatrix rule
-# (tensor_requires_imatrix: IQ1/IQ2 and IQ3_XXS targets, and Q2_K inside Q2_K_S).
-_TABLE = [
-    ("Q1_0", "Q1_0", False), ("Q2_0", "Q2_0", False), ("Q4_0", "Q4_0", False), ("Q4_1", "Q4_1", False),
-    ("MXFP4_MOE", "MXFP4", False), ("Q5_0", "Q5_0", False), ("Q5_1", "Q5_1", False),
-    ("IQ2_XXS", "IQ2_XXS", True), ("IQ2_XS", "IQ2_XS", True), ("IQ2_S", "IQ2_XS", True), ("IQ2_M", "IQ2_S", True),
-    ("IQ1_S", "IQ1_S", True), ("IQ1_M", "IQ1_M", True), ("TQ1_0", "TQ1_0", False), ("TQ2_0", "TQ2_0", False),
-    ("Q2_K", "Q2_K", False), ("Q2_K_S", "Q2_K", True), ("IQ3_XXS", "IQ3_XXS", True), ("IQ3_S", "IQ3_S", False),
-    ("IQ3_M", "IQ3_S", False), ("IQ3_XS", "IQ3_S", False), ("Q3_K_S", "Q3_K", False), ("Q3_K_M", "Q3_K", False),
-    ("Q3_K_L", "Q3_K", False), ("IQ4_NL", "IQ4_NL", False), ("IQ4_XS", "IQ4_XS", False), ("Q4_K_S", "Q4_K", False),
-    ("Q4_K_M", "Q4_K", False), ("Q5_K_S", "Q5_K", False), ("Q5_K_M", "Q5_K", False), ("Q6_K", "Q6_K", False),
-    ("Q8_0", "Q8_0", False), ("F16", "F16", False), ("BF16", "BF16", False), ("F32", "F32", False),
-]
-ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
-
-
-def _ftype(name: str) -> int:
-    from llama_cpp import llama_cpp as C
-    return C.LLAMA_FTYPE_ALL_F32 if name == "F32" else getattr(C, f"LLAMA_FTYPE_MOSTLY_{name}")
-
-
-def quant_types() -> dict[str, QuantType]:
-    return {n: QuantType(n, _ftype(n), main, req) for n, main, req in _TABLE}
-
-
-def parse_type(name: str) -> QuantType:
-    """Case-insensitive; an unknown name lists the valid ones."""
-    key = name.strip().upper()
-    key = ALIASES.get(key, key)
-    types = quant_types()
-    if key not in types:
-        raise XvqError(f"--type {name}: unknown quantization type; use one of {', '.join(types)}")
-    return types[key]
-
-
-def parse_ggml_type(name: str | None, option: str) -> int:
-    """--output-tensor-type / --token-embedding-type: a ggml tensor type name (q8_0, q6_k, f16...)."""
-    from llama_cpp import llama_cpp as C
-    if name is None:
-        return C.GGML_TYPE_COUNT
-    key = name.strip().upper()
-    value = getattr(C, f"GGML_TYPE_{key}", None)
-    if value is None or key in ("COUNT", "I8", "I16", "I32", "I64", "F64"):
-        valid = sorted(k[10:] for k in dir(C) if k.startswith("GGML_TYPE_") and k[10:] not in
-                       ("COUNT", "I8", "I16", "I32", "I64", "F64"))
-        raise XvqError(f"{option} {name}: unknown tensor type; use one of {', '.join(valid)}")
-    return value
-
-
-def default_uses_imatrix(qt: QuantType) -> bool:
-    """--imatrix auto: below Q6_K (what llama.cpp's docs recommend imatrix for)."""
-    return qt.bpw < TYPE_BPW["Q6_K"]
-
+from xvq.llamacpp import QuantType, parse_ggml_type, parse_type, quantize_model, read_model_header, type_bpw
+from xvq.quantize.imatrix import Imatrix, compute_imatrix
 
 # ----------------------------------------------------------------------------------------------
 # The source GGUF
@@ -112,107 +35,16 @@ def read_source(path: Path | str) -> SourceInfo:
     path = Path(path)
     if not path.is_file():
         raise XvqError(f"{path}: file not found; give a GGUF file or a model folder")
-    header = read_header(path)
+    header = read_model_header(path)
     gtype = header.kv.get("general.type")
     if gtype and gtype != "model":
         raise XvqError(f"{path}: a GGUF of type '{gtype}', not a model; give the model's f16/f32 GGUF")
     if "general.architecture" not in header.kv:
         raise XvqError(f"{path}: GGUF without general.architecture, not a model; give the model's f16/f32 GGUF")
-    infos = dict(header.tensors)
-    for shard in other_shards(path, int(header.kv.get("split.count") or 1)):
-        infos |= read_header(shard).tensors
-    tensors = {n: shape for n, (shape, _) in infos.items()}
-    weights = Counter(gguf.GGMLQuantizationType(t).name for shape, t in infos.values() if len(shape) >= 2)
+    tensors = {n: shape for n, (shape, _) in header.tensors.items()}
+    weights = Counter(gguf.GGMLQuantizationType(t).name for shape, t in header.tensors.values() if len(shape) >= 2)
     wtype = weights.most_common(1)[0][0] if weights else "F32"
-    return SourceInfo(path, header.kv.get("general.name"), tensors, wtype, TYPE_BPW.get(wtype, 32.0))
-
-
-@dataclass
-class GgufHeader:
-    kv: dict[str, object]                               # scalars and strings (arrays skipped)
-    tensors: dict[str, tuple[tuple[int, ...], int]]     # name -> (ggml shape, ggml type)
-
-
-_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_STRING, _ARRAY = 8, 9
-
-
-def read_header(path: Path) -> GgufHeader:
-    """GGUF metadata and tensor infos without materialising arrays (gguf-py's reader builds every
-    vocabulary entry: seconds for a 100k vocabulary, several times per run)."""
-    import mmap
-    import struct
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise XvqError(f"{path}: not a GGUF file; give a GGUF (xvq convert MODEL_DIR makes one) or a model folder")
-        try:
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except ValueError as e:
-            raise XvqError(f"{path}: damaged GGUF; convert the model again") from e
-    pos = 4
-
-    def take(fmt: str):
-        nonlocal pos
-        v = struct.unpack_from("<" + fmt, mm, pos)
-        pos += struct.calcsize("<" + fmt)
-        return v[0] if len(v) == 1 else v
-
-    def string() -> str:
-        nonlocal pos
-        n = take("Q")
-        pos += n
-        if pos > len(mm):
-            raise ValueError("truncated string")
-        return bytes(mm[pos - n:pos]).decode("utf-8", "replace")
-
-    def value(vtype: int):
-        nonlocal pos
-        if vtype in _SCALARS:
-            return take(_SCALARS[vtype])
-        if vtype == _STRING:
-            return string()
-        if vtype == _ARRAY:
-            etype, count = take("IQ")
-            if etype in _SCALARS:
-                pos += struct.calcsize("<" + _SCALARS[etype]) * count
-            else:
-                for _ in range(count):
-                    value(etype)
-            return None
-        raise ValueError(f"unknown value type {vtype}")
-
-    try:
-        version, n_tensors, n_kv = take("IQQ")
-        if version < 2:
-            raise ValueError(f"version {version} is too old")
-        kv = {}
-        for _ in range(n_kv):
-            key = string()
-            kv[key] = value(take("I"))
-        tensors = {}
-        for _ in range(n_tensors):
-            name = string()
-            shape = tuple(take("Q") for _ in range(take("I")))
-            tensors[name] = (shape, take("I"))
-            take("Q")   # data offset
-    except (struct.error, ValueError) as e:
-        raise XvqError(f"{path}: damaged GGUF ({e}); convert the model again") from e
-    finally:
-        mm.close()
-    return GgufHeader({k: v for k, v in kv.items() if v is not None}, tensors)
-
-
-def other_shards(first: Path, count: int) -> list[Path]:
-    """The remaining files of a split GGUF (llama.cpp's <prefix>-0000k-of-0000n.gguf); llama.cpp
-    itself finds them from the first one."""
-    from xvq.layout import gguf_shards
-    if count <= 1:
-        return []
-    paths = gguf_shards(first)[1:]
-    missing = [p.name for p in paths if not p.is_file()]
-    if missing:
-        raise XvqError(f"{first}: split GGUF is missing {', '.join(missing)}; put all shards in one folder")
-    return paths
+    return SourceInfo(path, header.kv.get("general.name"), tensors, wtype, type_bpw(wtype))
 
 
 def check_requantize(src: SourceInfo, qt: QuantType) -> bool:
@@ -227,87 +59,27 @@ def check_requantize(src: SourceInfo, qt: QuantType) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
-# llama_model_quantize
+# One file
 # ----------------------------------------------------------------------------------------------
 
-class _QuantizeLog:
-    """llama.cpp's log during quantization: counts tensors for the progress bar, keeps errors."""
-    TENSOR_LINE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]")
-
-    def __init__(self, bar: tqdm | None):
-        from llama_cpp import llama_cpp as C
-        self.bar, self.errors, self.tail = bar, [], []
-        self.cb = C.llama_log_callback(self._log)
-
-    def _log(self, level, text, _user):
-        try:
-            s = text.decode("utf-8", "replace")
-            self.tail = (self.tail + [s])[-40:]
-            m = self.TENSOR_LINE.match(s)
-            if m and self.bar is not None:
-                self.bar.total = int(m.group(2))
-                self.bar.update(int(m.group(1)) - self.bar.n)
-            if level == GGML_LOG_LEVEL_ERROR and s.strip():
-                self.errors.append(s.strip())
-        except Exception:
-            pass
-
-
-def imatrix_array(values: dict[str, np.ndarray]):
-    """Null-terminated llama_model_imatrix_data[]; returns (array, keep-alive buffers)."""
-    from llama_cpp import llama_cpp as C
-    arr = (C.llama_model_imatrix_data * (len(values) + 1))()
-    keep = []
-    for i, (name, v) in enumerate(sorted(values.items())):
-        v = np.ascontiguousarray(v, np.float32)
-        keep.append(v)
-        keep.append(name.encode())
-        arr[i].name = keep[-1]
-        arr[i].data = v.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-        arr[i].size = v.size
-    arr[len(values)].name = None
-    return arr, keep
-
-
-def imatrix_kv_overrides(im: Imatrix, file_label: str | None):
-    """The quantize.imatrix.* keys llama-quantize records (it adds them as kv overrides; the
-    library does not): file, dataset, entries_count, chunks_count."""
-    from llama_cpp import llama_cpp as C
-    items: list[tuple[str, int, object]] = []
-    if file_label:
-        items.append(("quantize.imatrix.file", C.LLAMA_KV_OVERRIDE_TYPE_STR, file_label))
+def imatrix_keys(im: Imatrix) -> dict[str, str | int]:
+    """The quantize.imatrix.* keys llama-quantize records (as kv overrides; the library does not).
+    Only the imatrix's file name: a published file must not carry the builder's folders."""
+    kv: dict[str, str | int] = {}
+    if im.path is not None:
+        kv["quantize.imatrix.file"] = im.path.name
     if im.datasets:
-        items.append(("quantize.imatrix.dataset", C.LLAMA_KV_OVERRIDE_TYPE_STR, im.datasets[0]))
-    items.append(("quantize.imatrix.entries_count", C.LLAMA_KV_OVERRIDE_TYPE_INT, len(im)))
+        kv["quantize.imatrix.dataset"] = im.datasets[0]
+    kv["quantize.imatrix.entries_count"] = len(im)
     if im.chunk_count > 0:
-        items.append(("quantize.imatrix.chunks_count", C.LLAMA_KV_OVERRIDE_TYPE_INT, im.chunk_count))
-    arr = (C.llama_model_kv_override * (len(items) + 1))()
-    for i, (key, tag, val) in enumerate(items):
-        arr[i].key = key.encode()
-        arr[i].tag = tag
-        if tag == C.LLAMA_KV_OVERRIDE_TYPE_STR:
-            arr[i].value.val_str = str(val).encode("utf-8")[:127]
-        else:
-            arr[i].value.val_i64 = int(val)
-    arr[len(items)].key = b""
-    return arr
-
-
-def _imatrix_label(path: Path | None) -> str | None:
-    """llama-quantize stores the --imatrix path as given, cut to 127 bytes; xvq stores the path,
-    or just the file name when the path would not fit."""
-    if path is None:
-        return None
-    s = str(path)
-    return s if len(s.encode()) <= 127 else path.name
+        kv["quantize.imatrix.chunks_count"] = im.chunk_count
+    return kv
 
 
 def quantize_file(src: Path | str, out: Path | str, qtype: str | QuantType, *, imatrix: Imatrix | None = None,
                   output_tensor_type: str | None = None, token_embedding_type: str | None = None,
                   n_threads: int = 0, progress: bool = True) -> Path:
     """Quantize one GGUF with llama.cpp; written under a temporary name, renamed when complete."""
-    from llama_cpp import llama_cpp as C
-    from xvq.quantize.imatrix import quiet_llama
     qt = parse_type(qtype) if isinstance(qtype, str) else qtype
     src, out = Path(src), Path(out)
     info = read_source(src)
@@ -319,115 +91,132 @@ def quantize_file(src: Path | str, out: Path | str, qtype: str | QuantType, *, i
     elif qt.needs_imatrix:
         raise XvqError(f"--type {qt.name} requires an importance matrix (llama.cpp refuses without one); "
                        f"use --imatrix auto or --imatrix FILE")
-
-    params = C.llama_model_quantize_default_params()
-    params.ftype = qt.ftype
-    params.nthread = n_threads
-    params.allow_requantize = requant
-    params.output_tensor_type = parse_ggml_type(output_tensor_type, "--output-tensor-type")
-    params.token_embedding_type = parse_ggml_type(token_embedding_type, "--token-embedding-type")
-    keep = []
-    if imatrix is not None:
-        arr, bufs = imatrix_array(imatrix.values())
-        kv = imatrix_kv_overrides(imatrix, _imatrix_label(imatrix.path))
-        params.imatrix = ctypes.cast(arr, ctypes.POINTER(C.llama_model_imatrix_data))
-        params.kv_overrides = ctypes.cast(kv, ctypes.POINTER(C.llama_model_kv_override))
-        keep += [arr, bufs, kv]
-
+    out_type = parse_ggml_type(output_tensor_type, "--output-tensor-type")
+    embd_type = parse_ggml_type(token_embedding_type, "--token-embedding-type")
     with atomic_output(out) as tmp, tqdm(desc=f"quantize {qt.name}", unit="tensor", disable=not progress,
                                          leave=False) as bar:
-        log = _QuantizeLog(bar)
-        C.llama_log_set(log.cb, ctypes.c_void_p(0))
-        try:
-            rc = C.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
-        finally:
-            quiet_llama(force=True)
-        if rc != 0 or not tmp.is_file():
-            detail = log.errors[-1] if log.errors else (log.tail[-1].strip() if log.tail else f"code {rc}")
-            raise XvqError(f"{src}: llama.cpp could not quantize to {qt.name}: {detail}")
-    del keep
+        def advance(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+        quantize_model(src, tmp, ftype=qt.ftype, n_threads=n_threads, allow_requantize=requant,
+                       output_tensor_type=out_type, token_embedding_type=embd_type,
+                       imatrix=imatrix.values() if imatrix is not None else None,
+                       kv=imatrix_keys(imatrix) if imatrix is not None else None, on_progress=advance)
     return out
 
 
 # ----------------------------------------------------------------------------------------------
-# The `xvq quantize gguf` pipeline: source → (imatrix) → one file per type
+# convert → imatrix → quantize: `xvq quantize gguf` and `xvq release`
 # ----------------------------------------------------------------------------------------------
 
 DEFAULT_CALIB_TOKENS = 65536   # = xvq.calib_data.DEFAULT_TOKENS: 128 chunks of 512
 
+# A step runner (xvq release's stamps): step(name, inputs, outputs, action) runs action() unless a
+# record of the same inputs exists and the outputs are there. Input values that are lists of
+# Paths are files whose identity counts; the runner decides how to fingerprint them.
+Step = Callable[[str, dict, list, Callable[[], object]], bool]
 
-@dataclass
-class Calibration:
-    text: str
-    dataset: str
+
+def _run(step: Step | None, name: str, inputs: dict, outputs: list[Path], action, current) -> bool:
+    """With a step runner, it decides; without, `current()` says whether the output can be reused."""
+    if step is not None:
+        return step(name, inputs, outputs, action)
+    if current():
+        return False
+    action()
+    return True
 
 
-def calibration(calib_file: Path | str | None = None, *, budget_tokens: int = DEFAULT_CALIB_TOKENS,
-                tokenizer_dir: Path | None = None, seed: int = 0) -> Calibration:
-    """The text the importance matrix is measured on: a given file, else xvq's calibration set."""
-    if calib_file is not None:
-        p = Path(calib_file)
-        if not p.is_file():
-            raise XvqError(f"--calib-file {p}: not found; give a UTF-8 text file")
-        return Calibration(p.read_text(encoding="utf-8", errors="replace"), str(p))
+def f16_is_current(f16: Path, model_dir: Path) -> bool:
+    """The layout's f16 still belongs to the checkpoint (e.g. after `make gguf`'s convert step)."""
+    newest = max(p.stat().st_mtime for p in model_dir.iterdir() if p.is_file())
+    return f16.is_file() and f16.stat().st_mtime >= newest
+
+
+def _fits(path: Path, src_gguf: Path, log) -> bool:
+    if not path.is_file():
+        return False
     try:
-        from xvq.calib_data import sample
-    except ImportError as e:
-        raise XvqError(f"the calibration set (xvq.calib_data) is not available ({e}); "
-                       f"give --calib-file TEXT or --imatrix FILE") from e
-    s = sample(budget_tokens=budget_tokens, seed=seed, tokenizer_dir=tokenizer_dir)
-    return Calibration(s.text, s.dataset_name)
+        Imatrix.load(path).check_model(read_source(src_gguf).tensors, src_gguf)
+    except XvqError:
+        log(f"{path} does not fit this model; measuring a new one")
+        return False
+    log(f"reusing importance matrix {path}")
+    return True
 
 
-def resolve_source(source: Path | str, layout, *, progress: bool = True) -> tuple[Path, Path | None]:
-    """(GGUF to quantize, model folder or None). A model folder is converted first into the
-    layout's f16 GGUF (reused when it is newer than the checkpoint, e.g. after `make gguf`'s
-    convert step)."""
-    source = Path(source)
+def source_gguf(source: Path, layout, *, step: Step | None = None, progress: bool = True) -> Path:
+    """A GGUF as given, or a model folder converted to the layout's f16 GGUF."""
+    from xvq.convert import convert
     if not source.is_dir():
-        return source, None
+        return source
     if not (source / "config.json").is_file():
         raise XvqError(f"{source}: a folder without config.json; give a Hugging Face model folder or a GGUF")
     f16 = layout.gguf("f16")
-    newest = max(p.stat().st_mtime for p in source.iterdir() if p.is_file())
-    if not (f16.is_file() and f16.stat().st_mtime >= newest):
-        from xvq.convert import convert
-        convert(source, f16, "f16", name=layout.name, progress=progress)
-    return f16, source
+    _run(step, "convert", {"model": [source]}, [f16], lambda: convert(source, f16, "f16", name=layout.name,
+                                                                       progress=progress),
+         lambda: f16_is_current(f16, source))
+    return f16
 
 
-def resolve_imatrix(spec: str | Path | None, src_gguf: Path, types: list[QuantType], layout, *,
-                    calib: Calibration | None = None, calib_file: Path | None = None,
-                    model_dir: Path | None = None, calib_tokens: int = DEFAULT_CALIB_TOKENS, n_ctx: int = 512,
-                    n_threads: int | None = None, progress: bool = True, log=print) -> Imatrix | None:
-    """--imatrix none|auto|FILE. auto: only when some type is below Q6_K (or needs one); reuses
-    the layout's imatrix when it fits this model, else measures and saves it there."""
-    from xvq.quantize.imatrix import compute_imatrix
-    spec = "auto" if spec is None else spec
-    if str(spec).lower() == "none":
-        return None
-    info = read_source(src_gguf)
-    if str(spec).lower() != "auto":
-        im = Imatrix.load(spec)
-        im.check_model(info.tensors, src_gguf)
-        return im
-    if not any(default_uses_imatrix(t) or t.needs_imatrix for t in types):
-        return None
-    target = layout.imatrix()
-    if target.is_file():
-        try:
-            im = Imatrix.load(target)
-            im.check_model(info.tensors, src_gguf)
-            log(f"reusing importance matrix {target}")
-            return im
-        except XvqError:
-            log(f"{target} does not fit this model; measuring a new one")
-    calib = calib or calibration(calib_file, budget_tokens=calib_tokens, tokenizer_dir=model_dir)
-    im = compute_imatrix(src_gguf, calib.text, dataset=calib.dataset, n_ctx=n_ctx, n_threads=n_threads,
-                         progress=progress)
+def measure_imatrix(src: Path, target: Path, *, calib_file: Path | None = None,
+                    calib_tokens: int = DEFAULT_CALIB_TOKENS, tokenizer_dir: Path | None = None, n_ctx: int = 512,
+                    n_threads: int = 0, gpu_layers: str | int | None = "auto", progress: bool = True,
+                    log=print) -> Imatrix:
+    from xvq.calib_data import calibration
+    calib = calibration(calib_file, budget_tokens=calib_tokens, tokenizer_dir=tokenizer_dir)
+    im = compute_imatrix(src, calib.text, dataset=calib.dataset, n_ctx=n_ctx, n_threads=n_threads or None,
+                         progress=progress, gpu_layers=gpu_layers)
     im.save(target)
     log(f"wrote {target} ({len(im)} entries, {im.chunk_count} chunks of {n_ctx})")
     return im
+
+
+def make_ggufs(source: Path | str, qts: list[QuantType], layout, outs: list[Path], *,
+               imatrix: str | Path | None = "auto", calib_file: Path | None = None,
+               calib_tokens: int = DEFAULT_CALIB_TOKENS, n_ctx: int = 512, n_threads: int = 0,
+               output_tensor_type: str | None = None, token_embedding_type: str | None = None,
+               gpu_layers: str | int | None = "auto", step: Step | None = None, progress: bool = True,
+               log=print) -> list[Path]:
+    """A model folder is converted to the layout's f16 GGUF; an importance matrix is measured when
+    some type gets one (QuantType.gets_imatrix) or read from --imatrix FILE; then one file per type,
+    all from the same source and imatrix."""
+    source = Path(source)
+    src = source_gguf(source, layout, step=step, progress=progress)
+    info = read_source(src)
+    for qt in qts:   # fail before any work, not after the first type
+        check_requantize(info, qt)
+    spec = "auto" if imatrix is None else str(imatrix)
+    auto = spec.lower() == "auto"
+    im = None
+    if spec.lower() != "none" and not auto:
+        im = Imatrix.load(spec)
+        im.check_model(info.tensors, src)
+    elif auto and any(q.gets_imatrix(auto) for q in qts):
+        target = layout.imatrix()
+
+        def measure():
+            measure_imatrix(src, target, calib_file=calib_file, calib_tokens=calib_tokens,
+                            tokenizer_dir=source if source.is_dir() else None, n_ctx=n_ctx, n_threads=n_threads,
+                            gpu_layers=gpu_layers, progress=progress, log=log)
+        calib_key = [Path(calib_file)] if calib_file else None
+        _run(step, "imatrix", {"gguf": [src], "calib_file": calib_key, "calib_tokens": calib_tokens, "ctx": n_ctx},
+             [target], measure, lambda: _fits(target, src, log))
+        im = Imatrix.load(target)
+        im.check_model(info.tensors, src)
+    written = []
+    for qt, out in tqdm(list(zip(qts, outs)), desc="quantize", unit="type", disable=not progress or len(qts) < 2):
+        use = im if im is not None and qt.gets_imatrix(auto) else None
+        inputs = {"gguf": [src], "imatrix": [im.path] if use is not None else None, "type": qt.name,
+                  "output_tensor_type": output_tensor_type, "token_embedding_type": token_embedding_type}
+
+        def quantize_one(qt=qt, out=out, use=use):
+            quantize_file(src, out, qt, imatrix=use, output_tensor_type=output_tensor_type,
+                          token_embedding_type=token_embedding_type, n_threads=n_threads, progress=progress)
+            log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB){' with imatrix' if use is not None else ''}")
+        _run(step, f"gguf-{qt.name.lower()}", inputs, [out], quantize_one, lambda: False)
+        written.append(out)
+    return written
 
 
 def layout_for(source: Path | str, name: str | None, out_root: Path | str | None):
@@ -448,7 +237,7 @@ def quantize(source: Path | str, types: list[str], *, imatrix: str | Path | None
              out_root: Path | None = None, output_tensor_type: str | None = None,
              token_embedding_type: str | None = None, calib_file: Path | None = None,
              calib_tokens: int = DEFAULT_CALIB_TOKENS, n_ctx: int = 512, n_threads: int = 0,
-             progress: bool = True, log=print) -> list[Path]:
+             gpu_layers: str | int | None = "auto", progress: bool = True, log=print) -> list[Path]:
     """`xvq quantize gguf`: every type from one source, one imatrix shared by all of them."""
     names = [t for spec in types for t in str(spec).replace(",", " ").split()]   # "--type Q4_K_M,Q8_0" too
     qts = [parse_type(t) for t in names] or [parse_type("Q4_K_M")]
@@ -460,24 +249,22 @@ def quantize(source: Path | str, types: list[str], *, imatrix: str | Path | None
         bad = next(t.name for t in qts if t.needs_imatrix)
         raise XvqError(f"--type {bad} requires an importance matrix (llama.cpp refuses without one); "
                        f"use --imatrix auto or --imatrix FILE")
-    src_path = Path(source)
-    layout = layout_for(src_path, name, out_root)
-    src_gguf, model_dir = resolve_source(src_path, layout, progress=progress)
-    info = read_source(src_gguf)
-    for qt in qts:   # fail before any work, not after the first type
-        check_requantize(info, qt)
-    im = resolve_imatrix(imatrix, src_gguf, qts, layout, calib_file=calib_file, model_dir=model_dir,
-                         calib_tokens=calib_tokens, n_ctx=n_ctx, n_threads=n_threads or None,
-                         progress=progress, log=log)
-    written = []
-    for qt in tqdm(qts, desc="quantize", unit="type", disable=not progress or len(qts) < 2):
-        out = outfile if outfile is not None else (Path(outdir) / layout.gguf(qt.name).name if outdir
-                                                   else layout.gguf(qt.name))
-        # auto applies the imatrix below Q6_K; an explicit file applies to every type
-        auto = str(imatrix).lower() == "auto"
-        use = im if im is not None and (not auto or default_uses_imatrix(qt) or qt.needs_imatrix) else None
-        quantize_file(src_gguf, out, qt, imatrix=use, output_tensor_type=output_tensor_type,
-                      token_embedding_type=token_embedding_type, n_threads=n_threads, progress=progress)
-        log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB){' with imatrix' if use is not None else ''}")
-        written.append(out)
-    return written
+    source = Path(source)
+    layout = layout_for(source, name, out_root)
+    outs = [Path(outfile) if outfile is not None else
+            (Path(outdir) / layout.gguf(qt.name).name if outdir else layout.gguf(qt.name)) for qt in qts]
+    return make_ggufs(source, qts, layout, outs, imatrix=imatrix, calib_file=calib_file, calib_tokens=calib_tokens,
+                      n_ctx=n_ctx, n_threads=n_threads, output_tensor_type=output_tensor_type,
+                      token_embedding_type=token_embedding_type, gpu_layers=gpu_layers, progress=progress, log=log)
+
+
+def effective_tensor_types(fam, ftype: str, *, has_imatrix: bool = False,
+                           source_outtype: str = "f16") -> dict[str, str]:
+    """For a model family: GGUF tensor name -> ggml type after `llama-quantize <ftype>`, from the
+    config alone (sizes and laptop fit of a 65B model without converting it)."""
+    from xvq.convert import planned_tensors
+    from xvq.llamacpp import tensor_types
+    hp = fam.hp
+    is_70b = fam.gguf_arch == "llama" and hp.n_layer == 80 and hp.n_head != hp.n_head_kv
+    return tensor_types(planned_tensors(fam, source_outtype), ftype, n_layer=hp.n_layer, n_expert=hp.n_expert,
+                        n_gqa=hp.n_head // hp.n_head_kv, has_imatrix=has_imatrix, is_70b=is_70b)

@@ -21,10 +21,11 @@ import random
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from xvq.calib_data import calibration
 from xvq.checkpoint import read_config, weight_files
 from xvq.errors import XvqError
 from xvq.fsio import atomic_output
@@ -140,16 +141,6 @@ def check_settings(settings: GptqSettings, family: Family, source: Path) -> None
 # ----------------------------------------------------------------------------------------------
 # Calibration
 # ----------------------------------------------------------------------------------------------
-
-def calibration_texts(model_dir: Path, budget_tokens: int, seed: int) -> list[str]:
-    """The multilingual calibration mix (xvq.calib_data), sampled for this model's tokenizer."""
-    try:
-        from xvq.calib_data import sample
-    except ImportError as e:
-        raise XvqError(f"xvq.calib_data is not available ({e}); reinstall xvq, or pass texts to quantize_gptq") from e
-    calib = sample(budget_tokens=budget_tokens, seed=seed, tokenizer_dir=model_dir)
-    return [r["text"] for r in calib.records if r.get("text")]
-
 
 def calibration_sequences(tokenizer, texts: Sequence[str], budget_tokens: int, max_seq_len: int,
                           seed: int) -> list[dict]:
@@ -364,7 +355,7 @@ def quantize_gptq(model_dir: Path | str, outdir: Path | str, settings: GptqSetti
     check_settings(settings, family, model_dir)
     _prepare_environment()
     if texts is None:
-        texts = calibration_texts(model_dir, settings.calib_tokens, settings.seed)
+        texts = calibration(budget_tokens=settings.calib_tokens, tokenizer_dir=model_dir, seed=settings.seed).texts
     import torch
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -406,7 +397,3 @@ def quantize_gptq(model_dir: Path | str, outdir: Path | str, settings: GptqSetti
         carry_source_files(tmp, model_dir)
         assert_no_local_paths(tmp, forbidden)
     return GptqResult(outdir, len(seqs), n_tokens, quant_log, damp_raised)
-
-
-def settings_summary(s: GptqSettings) -> dict:
-    return asdict(s)

@@ -7,18 +7,10 @@ from pathlib import Path
 import click
 
 from xvq.layout import Layout
+from xvq.llamacpp import SIZE_HELP, parse_size
 
-SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-
-
-def _check_size(ctx, param, value: str) -> str:
-    v = value.strip().upper().replace(" ", "")
-    for unit in sorted(SIZE_UNITS, key=len, reverse=True):
-        if v.endswith(unit) and v[:-len(unit)].replace(".", "", 1).isdigit():
-            return value
-    if v.isdigit():
-        return value
-    raise click.BadParameter(f"{value!r}: give a size like 4GB, 500MB or 2GiB")
+def _check_size(ctx, param, value: str) -> int:
+    return parse_size(value, "--max-shard-size")
 
 
 @click.command("gptq")
@@ -43,7 +35,7 @@ def _check_size(ctx, param, value: str) -> str:
 @click.option("--max-seq-len", type=int, default=2048, show_default=True, help="Longest calibration sequence.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Calibration sampling seed.")
 @click.option("--max-shard-size", default="4GB", show_default=True, callback=_check_size,
-              help="Largest safetensors shard.")
+              help=f"Largest safetensors shard ({SIZE_HELP}).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--moe-min-tokens", type=int, default=None,
               help="MoE: experts routed fewer calibration tokens are calibrated on every token (default: the hidden size).")

@@ -23,7 +23,7 @@ routed to it in the replay that calibrated it and whether it was forced:
     "xvq_expert_calibration": {"min_tokens": 2560, "experts": {"layer.N.expert.M":
                                {"routed_tokens": n, "forced": false}, ...}}
 
-The model's MoE block cooperates through a class attribute `calibration_hook` (None outside
+The model's MoE block cooperates through an attribute `calibration_hook` (the class's None outside
 calibration), called as hook(block, x, chosen_expert_ids) after its routed experts ran (also
 when GPTQModel cut the forward short); the block carries its `layer_idx`. The kept inputs of one
 replay take n_tokens x hidden values (XVERSE-MoE-A4.2B, 128k tokens: 0.7 GB in bf16).
@@ -178,27 +178,27 @@ def run_past_early_stop(module, x) -> None:
             raise
 
 
-def hooked_block_classes(model) -> set[type]:
-    """Classes of the model's modules that take a calibration hook (MoE blocks)."""
-    return {type(m) for m in model.modules() if "calibration_hook" in vars(type(m))}
+def hooked_blocks(model) -> list:
+    """The model's modules that take a calibration hook (MoE blocks declare `calibration_hook`)."""
+    return [m for m in model.modules() if "calibration_hook" in vars(type(m))]
 
 
 @contextmanager
 def expert_calibration(model, n_tokens: int, min_tokens: int) -> Iterator[ExpertCalibration | None]:
-    """Installs the per-expert calibration on `model`'s MoE blocks for the duration; yields None
-    for a model without any (dense)."""
-    classes = hooked_block_classes(model)
-    if not classes:
+    """Installs the per-expert calibration on `model`'s MoE blocks (these instances only, so
+    another model in the process is untouched) for the duration; yields None for a dense model."""
+    blocks = hooked_blocks(model)
+    if not blocks:
         yield None
         return
     calib = ExpertCalibration(n_tokens, min_tokens)
-    for cls in classes:
-        cls.calibration_hook = calib
+    for block in blocks:
+        block.calibration_hook = calib
     try:
         yield calib
     finally:
-        for cls in classes:
-            cls.calibration_hook = None
+        for block in blocks:
+            del block.calibration_hook   # back to the class's None
 
 
 def record_in_quantize_config(folder: Path, calib: ExpertCalibration, quant_log: list[dict]) -> dict:

@@ -11,7 +11,6 @@ over the tokens routed to that expert only.
 """
 from __future__ import annotations
 
-import ctypes
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from tqdm import tqdm
 
 from xvq.errors import XvqError
 from xvq.fsio import atomic_output
+from xvq.llamacpp import Gguf, MatMul, MatMulTap
 
 KEY_DATASETS = "imatrix.datasets"
 KEY_CHUNK_COUNT = "imatrix.chunk_count"
@@ -227,244 +227,37 @@ class Imatrix:
 
 
 # ----------------------------------------------------------------------------------------------
-# llama.cpp evaluation through llama-cpp-python, with a graph tap
+# Measuring it inside llama.cpp's evaluation of the GGUF
 # ----------------------------------------------------------------------------------------------
 
-class GgmlTensor(ctypes.Structure):
-    pass
-
-
-GGML_MAX_DIMS, GGML_MAX_SRC = 4, 10
-GgmlTensor._fields_ = [
-    ("type", ctypes.c_int), ("buffer", ctypes.c_void_p),
-    ("ne", ctypes.c_int64 * GGML_MAX_DIMS), ("nb", ctypes.c_size_t * GGML_MAX_DIMS),
-    ("op", ctypes.c_int), ("op_params", ctypes.c_int32 * 16), ("flags", ctypes.c_int32),
-    ("src", ctypes.POINTER(GgmlTensor) * GGML_MAX_SRC),
-    ("view_src", ctypes.POINTER(GgmlTensor)), ("view_offs", ctypes.c_size_t),
-    ("data", ctypes.c_void_p), ("name", ctypes.c_char * 64), ("extra", ctypes.c_void_p),
-    ("padding", ctypes.c_char * 8),
-]
-GGML_TYPE_F32, GGML_TYPE_I32 = 0, 26
-
-
-def _ggml():
-    """libggml as loaded by llama-cpp-python, with the few functions the tap needs."""
-    from llama_cpp._ggml import libggml
-    libggml.ggml_op_name.restype = ctypes.c_char_p
-    libggml.ggml_op_name.argtypes = [ctypes.c_int]
-    libggml.ggml_nbytes.restype = ctypes.c_size_t
-    libggml.ggml_nbytes.argtypes = [ctypes.c_void_p]
-    libggml.ggml_backend_buffer_is_host.restype = ctypes.c_bool
-    libggml.ggml_backend_buffer_is_host.argtypes = [ctypes.c_void_p]
-    libggml.ggml_backend_tensor_get.restype = None
-    libggml.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
-    return libggml
-
-
-def _op_codes(lib, wanted=("MUL_MAT", "MUL_MAT_ID")) -> dict[str, int]:
-    """ggml op numbers by name, asked of the loaded ggml (the enum shifts between versions). Both
-    ops sit early in the enum, so the scan stops long before its end."""
-    found = {}
-    for i in range(256):
-        name = (lib.ggml_op_name(i) or b"").decode()
-        if name in wanted:
-            found[name] = i
-        if len(found) == len(wanted):
-            return found
-    raise XvqError("the installed llama-cpp-python's ggml has no MUL_MAT/MUL_MAT_ID op; reinstall the locked version")
-
-
-def weight_name(raw: bytes) -> str:
-    """'CUDA0#blk.0.attn_k.weight#0' -> 'blk.0.attn_k.weight' (llama-imatrix's filter_tensor_name)."""
-    s = raw.decode("utf-8", "replace")
-    if "#" in s:
-        s = s.split("#")[1]
-    return s
-
-
-def tensor_array(lib, t: GgmlTensor, ptr, dtype) -> np.ndarray:
-    """A ggml tensor's data as a numpy array of shape (ne3, ne2, ne1, ne0), honouring strides;
-    copied from device memory when not on the host."""
-    ne, nb = list(t.ne), list(t.nb)
-    itemsize = np.dtype(dtype).itemsize
-    extent = sum((n - 1) * b for n, b in zip(ne, nb)) + itemsize
-    extent += -extent % itemsize
-    if t.buffer and not lib.ggml_backend_buffer_is_host(t.buffer):
-        raw = ctypes.create_string_buffer(max(extent, lib.ggml_nbytes(ptr)))
-        lib.ggml_backend_tensor_get(ptr, raw, 0, lib.ggml_nbytes(ptr))
-    else:
-        raw = (ctypes.c_uint8 * extent).from_address(t.data)
-    base = np.frombuffer(raw, np.uint8, extent).view(dtype)
-    return np.lib.stride_tricks.as_strided(base, shape=ne[::-1], strides=nb[::-1], writeable=False)
-
-
-class ImatrixTap:
-    """The eval callback: on `ask` it selects the matrix multiplications llama-imatrix selects
-    (MUL_MAT on blk.* weights with >= 16 f32 activation rows; every MUL_MAT_ID); then it adds
-    the squared activations (src1) to the weight's (src0) statistics."""
+class ImatrixCollector:
+    """What llama-imatrix's collect_imatrix selects: MUL_MAT on blk.* weights with >= 16 f32
+    activation rows, and every MUL_MAT_ID; adds the squared activations to the weight's sums."""
 
     def __init__(self, im: Imatrix, process_output: bool = False):
-        self.im = im
-        self.process_output = process_output
-        self.lib = _ggml()
-        ops = _op_codes(self.lib)
-        self.MUL_MAT, self.MUL_MAT_ID = ops["MUL_MAT"], ops["MUL_MAT_ID"]
-        self.error: BaseException | None = None
-        from llama_cpp import llama_cpp as C
-        self.callback = C.ggml_backend_sched_eval_callback(self._cb)
+        self.im, self.process_output = im, process_output
+        self.tap = MatMulTap(self.wanted, self.collect)
 
-    def _wanted(self, t: GgmlTensor) -> bool:
-        if t.op == self.MUL_MAT_ID:
+    def wanted(self, mm: MatMul) -> bool:
+        if mm.routed:
             return True
-        if t.op != self.MUL_MAT:
+        if mm.rows < 16 or not mm.f32:
             return False
-        src1 = t.src[1].contents
-        if src1.ne[1] < 16 or src1.type != GGML_TYPE_F32:
-            return False
-        name = weight_name(t.src[0].contents.name)
-        return name.startswith("blk.") or (self.process_output and name == "output.weight")
+        return mm.weight.startswith("blk.") or (self.process_output and mm.weight == "output.weight")
 
-    def _cb(self, ptr, ask, _user):
-        try:
-            t = ctypes.cast(ptr, ctypes.POINTER(GgmlTensor)).contents
-            if ask:
-                return self._wanted(t)
-            if self.error is None:
-                self._collect(t)
-            return True
-        except BaseException as e:  # never let an exception unwind through C
-            self.error = e
-            return bool(not ask)
-
-    def _collect(self, t: GgmlTensor) -> None:
-        src0, src1 = t.src[0].contents, t.src[1].contents
-        name = weight_name(src0.name)
-        x = tensor_array(self.lib, src1, t.src[1], np.float32)        # (ne3, ne2, ne1, ne0)
-        if t.op == self.MUL_MAT_ID:
-            ids_t = t.src[2].contents
-            ids = tensor_array(self.lib, ids_t, t.src[2], np.int32)[0, 0]   # (n_tokens, n_used)
-            # src1: [cols, n_slots, n_tokens] -> x[0] is (n_tokens, n_slots, cols)
-            self.im.add_routed(name, x[0], ids, int(src0.ne[2]))
+    def collect(self, mm: MatMul) -> None:
+        x = mm.activations()                                  # (ne3, ne2, ne1, ne0)
+        if mm.routed:
+            self.im.add_routed(mm.weight, x[0], mm.expert_ids(), mm.weight_ne[2])
         else:
-            n_mat = int(src0.ne[2] * src0.ne[3])
+            n_mat = mm.weight_ne[2] * mm.weight_ne[3]
             if n_mat == 1:
-                self.im.add_dense(name, x.reshape(1, -1, x.shape[-1]))
+                self.im.add_dense(mm.weight, x.reshape(1, -1, x.shape[-1]))
             else:
-                self.im.add_dense(name, x.reshape(-1, x.shape[-2], x.shape[-1]), n_mat)
-        if not np.isfinite(self.im.sums[name]).all():
-            raise XvqError(f"imatrix: non-finite activations in {name}; the model produces inf/nan on the "
+                self.im.add_dense(mm.weight, x.reshape(-1, x.shape[-2], x.shape[-1]), n_mat)
+        if not np.isfinite(self.im.sums[mm.weight]).all():
+            raise XvqError(f"imatrix: non-finite activations in {mm.weight}; the model produces inf/nan on the "
                            f"calibration text")
-
-
-_LOG_CB = None
-
-
-def quiet_llama(force: bool = False) -> None:
-    """Silence llama.cpp's own logging (xvq reports progress itself)."""
-    global _LOG_CB
-    if _LOG_CB is None or force:
-        from llama_cpp import llama_cpp as C
-        if _LOG_CB is None:
-            _LOG_CB = C.llama_log_callback(lambda level, text, user: None)
-        C.llama_log_set(_LOG_CB, ctypes.c_void_p(0))
-
-
-class LlamaModel:
-    """A GGUF loaded in llama.cpp (CPU), evaluating chunks of token ids; optional graph tap."""
-
-    def __init__(self, path: Path | str, n_ctx: int = 512, *, tap: ImatrixTap | None = None,
-                 n_threads: int | None = None, logits: bool = True):
-        import os
-        from llama_cpp import llama_cpp as C
-        self.C, self.path, self.n_ctx = C, Path(path), n_ctx
-        quiet_llama()
-        C.llama_backend_init()
-        mp = C.llama_model_default_params()
-        mp.n_gpu_layers = 0
-        self.model = C.llama_model_load_from_file(str(self.path).encode(), mp)
-        if not self.model:
-            raise XvqError(f"{self.path}: llama.cpp cannot load this GGUF; convert the model again with xvq convert")
-        cp = C.llama_context_default_params()
-        cp.n_ctx = cp.n_batch = cp.n_ubatch = n_ctx
-        cp.n_seq_max = 1
-        threads = n_threads or max(1, os.cpu_count() or 1)
-        cp.n_threads = cp.n_threads_batch = threads
-        if tap is not None:
-            cp.cb_eval = tap.callback
-            cp.cb_eval_user_data = None
-        self.tap = tap
-        self.ctx = C.llama_init_from_model(self.model, cp)
-        if not self.ctx:
-            C.llama_model_free(self.model)
-            raise XvqError(f"{self.path}: llama.cpp cannot create a context of {n_ctx} tokens; use a smaller --ctx")
-        self.vocab = C.llama_model_get_vocab(self.model)
-        self.n_vocab = C.llama_vocab_n_tokens(self.vocab)
-        self.batch = C.llama_batch_init(n_ctx, 0, 1)
-
-    def close(self) -> None:
-        C = self.C
-        if getattr(self, "batch", None) is not None:
-            C.llama_batch_free(self.batch)
-            self.batch = None
-        if getattr(self, "ctx", None):
-            C.llama_free(self.ctx)
-            self.ctx = None
-        if getattr(self, "model", None):
-            C.llama_model_free(self.model)
-            self.model = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def tokenize(self, text: str, add_special: bool = True) -> np.ndarray:
-        C = self.C
-        raw = text.encode("utf-8")
-        cap = len(raw) + 16
-        buf = (C.llama_token * cap)()
-        n = C.llama_tokenize(self.vocab, raw, len(raw), buf, cap, add_special, False)
-        if n < 0:
-            buf = (C.llama_token * -n)()
-            n = C.llama_tokenize(self.vocab, raw, len(raw), buf, -n, add_special, False)
-        return np.frombuffer(buf, np.int32, n).copy()
-
-    @property
-    def add_bos(self) -> bool:
-        return bool(self.C.llama_vocab_get_add_bos(self.vocab))
-
-    @property
-    def bos(self) -> int:
-        return int(self.C.llama_vocab_bos(self.vocab))
-
-    def eval_chunk(self, ids: Iterable[int], want_logits: bool = True) -> np.ndarray | None:
-        """One independent sequence (cache cleared); all positions output, as llama-imatrix does
-        (so the last layer runs on every token). Returns logits [n, n_vocab] float32."""
-        C = self.C
-        ids = list(map(int, ids))
-        n = len(ids)
-        if n > self.n_ctx:
-            raise ValueError(f"chunk of {n} tokens > context {self.n_ctx}")
-        C.llama_memory_clear(C.llama_get_memory(self.ctx), True)
-        b = self.batch
-        for i, tok in enumerate(ids):
-            b.token[i] = tok
-            b.pos[i] = i
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = 0
-            b.logits[i] = True
-        b.n_tokens = n
-        rc = C.llama_decode(self.ctx, b)
-        if self.tap is not None and self.tap.error is not None:
-            err, self.tap.error = self.tap.error, None
-            raise err
-        if rc != 0:
-            raise XvqError(f"{self.path}: llama.cpp failed to evaluate a chunk (code {rc})")
-        if not want_logits:
-            return None
-        ptr = C.llama_get_logits(self.ctx)
-        return np.ctypeslib.as_array(ptr, shape=(n, self.n_vocab)).copy()
 
 
 def chunks_of(tokens: np.ndarray, n_ctx: int, bos: int | None, n_chunks: int | None = None) -> list[np.ndarray]:
@@ -484,19 +277,21 @@ def chunks_of(tokens: np.ndarray, n_ctx: int, bos: int | None, n_chunks: int | N
 
 def compute_imatrix(model_gguf: Path | str, text: str, *, dataset: str = "", n_ctx: int = 512,
                     n_chunks: int | None = None, n_threads: int | None = None, progress: bool = True,
-                    process_output: bool = False) -> Imatrix:
-    """llama-imatrix's statistics, measured by xvq through llama.cpp's evaluation of the GGUF."""
+                    process_output: bool = False, gpu_layers: str | int | None = "auto") -> Imatrix:
+    """llama-imatrix's statistics, measured by xvq through llama.cpp's evaluation of the GGUF.
+    Every position outputs logits, as llama-imatrix does, so the last layer runs on every token."""
     im = Imatrix(datasets=[dataset] if dataset else [], chunk_size=n_ctx)
-    tap = ImatrixTap(im, process_output=process_output)
-    with LlamaModel(model_gguf, n_ctx, tap=tap, n_threads=n_threads) as m:
+    collector = ImatrixCollector(im, process_output=process_output)
+    with Gguf(model_gguf, gpu_layers=gpu_layers) as m, \
+            m.context(n_ctx, n_ubatch=n_ctx, threads=n_threads, tap=collector.tap) as ctx:
         tokens = m.tokenize(text, add_special=True)
         if len(tokens) < 2 * n_ctx:
             raise XvqError(f"calibration text gives {len(tokens)} tokens, fewer than 2 chunks of {n_ctx}; "
                            f"give more text or a smaller --ctx")
         chunks = chunks_of(tokens, n_ctx, m.bos if m.add_bos else None, n_chunks)
-        for c in tqdm(chunks, desc=f"imatrix {Path(model_gguf).name}", unit="chunk", disable=not progress,
-                      leave=False):
-            m.eval_chunk(c, want_logits=False)
+        for c in tqdm(chunks, desc=f"imatrix {Path(model_gguf).name} ({m.device})", unit="chunk",
+                      disable=not progress, leave=False):
+            ctx.decode(c)
             im.chunk_count += 1
     if not im.sums:
         raise XvqError(f"{model_gguf}: no weight matrix was seen during evaluation; "

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import click
 
+from xvq.llamacpp import SIZE_HELP
+
 CONTEXTS = (4096, 8192, 16384)
 MACHINES_GB = (8, 16, 32, 64, 96, 128)
 # What an OS, a browser and the runtime leave free: macOS lets the GPU wire about 2/3 to 3/4 of
@@ -35,21 +37,16 @@ class GgufShapes:
 
 
 def gguf_shapes(path: Path | str) -> GgufShapes:
-    """Shapes from the GGUF header(s); weight bytes summed over every shard. Reads headers only
-    (xvq.quantize.gguf.read_header), not the vocabulary, so a 100k-token file costs milliseconds."""
+    """Shapes from the GGUF header(s); weight bytes summed over every shard. Reads headers only,
+    not the vocabulary, so a 100k-token file costs milliseconds."""
     import gguf
-    from xvq.convert.writer import nbytes
-    from xvq.quantize.gguf import other_shards, read_header
-    path = Path(path)
-    first = read_header(path)
-    kv = first.kv
-    tensors = dict(first.tensors)
-    for shard in other_shards(path, int(kv.get("split.count") or 1)):
-        tensors |= read_header(shard).tensors
+    from xvq.llamacpp import read_model_header, tensor_nbytes
+    header = read_model_header(path)
+    kv, tensors = header.kv, header.tensors
     arch = kv["general.architecture"]
     n_head = int(kv[f"{arch}.attention.head_count"])
     n_embd = int(kv[f"{arch}.embedding_length"])
-    weights = sum(nbytes(shape, gguf.GGMLQuantizationType(t)) for shape, t in tensors.values())
+    weights = sum(tensor_nbytes(shape, t) for shape, t in tensors.values())
     ftype = kv.get("general.file_type")
     return GgufShapes(
         n_layer=int(kv[f"{arch}.block_count"]), n_embd=n_embd, n_head=n_head,
@@ -101,15 +98,10 @@ def fit_markdown(paths: list[Path]) -> str:
         f"a machine fits when that is at most {USABLE_FRACTION:.0%} of its RAM.\n"
 
 
-def parse_ram(text: str) -> float:
-    t = text.strip().upper().removesuffix("B")
-    return float(t[:-1]) if t[-1:] == "G" else float(t)
-
-
 @click.command("fit")
 @click.argument("target", type=click.Path(exists=True, path_type=Path))
-@click.option("--ram", default="16G", show_default=True, help="Machine memory, e.g. 32G.")
-@click.option("--ctx", default=8192, show_default=True, help="Context length to plan for.")
+@click.option("--ram", default="16G", show_default=True, help=f"Machine memory, e.g. 32G ({SIZE_HELP}).")
+@click.option("--ctx", type=click.IntRange(min=1), default=8192, show_default=True, help="Context length to plan for.")
 @click.option("--name", default=None)
 @click.option("--out-root", type=click.Path(path_type=Path), default=None)
 def fit_cmd(target: Path, ram: str, ctx: int, name, out_root):
@@ -117,6 +109,8 @@ def fit_cmd(target: Path, ram: str, ctx: int, name, out_root):
     folder whose out/<name>/gguf/ holds them)."""
     from xvq.errors import XvqError
     from xvq.layout import Layout, is_first_gguf
+    from xvq.llamacpp import parse_size
+    gb = parse_size(ram, "--ram") / 1e9   # before any work: a wrong unit is the likelier mistake
     if target.is_file():
         candidates = [target]
     else:
@@ -124,7 +118,6 @@ def fit_cmd(target: Path, ram: str, ctx: int, name, out_root):
         candidates = [p for p in sorted(folder.glob("*.gguf")) if is_first_gguf(p)]
     if not candidates:
         raise XvqError(f"{target}: no GGUF files found; run `xvq quantize gguf` first or pass a .gguf")
-    gb = parse_ram(ram)
     rows = sorted(((gguf_shapes(p), p) for p in candidates), key=lambda sp: -sp[0].weights_bytes)
     for s, p in rows:
         need = memory_needed(s, ctx)

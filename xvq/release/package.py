@@ -107,9 +107,8 @@ def verify(root: Path, load: bool = True) -> list[str]:
         for p in first_shards(root):
             if any(p.relative_to(root).as_posix() in pr for pr in problems):
                 continue
-            try:
-                from llama_cpp import Llama
-                Llama(str(p), n_ctx=64, n_batch=32, verbose=False).close()
-            except Exception as e:
-                problems.append(f"{p.relative_to(root)}: llama.cpp cannot load it ({e})")
+            from xvq.llamacpp import loads
+            complaint = loads(p)
+            if complaint:
+                problems.append(f"{p.relative_to(root)}: llama.cpp cannot load it ({complaint})")
     return problems

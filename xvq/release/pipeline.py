@@ -11,7 +11,8 @@ from pathlib import Path
 
 from xvq.checkpoint import read_config
 from xvq.fsio import atomic_output
-from xvq.layout import Layout, is_first_gguf, quant_tag
+from xvq.layout import Layout, is_first_gguf
+from xvq.llamacpp import parse_size
 from xvq.models import family_for
 from xvq.release import card, package
 from xvq.release.fit import fit_table
@@ -53,41 +54,30 @@ def model_hash(model_dir: Path) -> str:
     return h.hexdigest()
 
 
-def build_ggufs(model_dir: Path, layout: Layout, types: list[str], stamps: Stamps, src_fp, log,
-                calib_tokens: int | None = None) -> list[Path]:
-    from xvq.convert import convert
-    from xvq.quantize.gguf import calibration, default_uses_imatrix, parse_type, quantize
-    from xvq.quantize.imatrix import compute_imatrix
-    f16 = layout.gguf("f16")
-    stamps.run("convert", {"model": src_fp}, [f16],
-               lambda: convert(model_dir, f16, "f16", name=layout.name))
-    qts = [parse_type(t) for t in types]
-    imat = layout.imatrix()
-    needs_imatrix = any(default_uses_imatrix(q) or q.needs_imatrix for q in qts)
+def stamped(stamps: Stamps):
+    """The quantize stage's step runner over the release's stamps: file inputs fingerprinted."""
+    def step(name: str, inputs: dict, outputs: list, action) -> bool:
+        files = {k: fingerprint(v) if isinstance(v, list) and all(isinstance(p, Path) for p in v) else v
+                 for k, v in inputs.items()}
+        return stamps.run(name, files, outputs, action)
+    return step
 
-    def measure_imatrix():
-        calib = calibration(tokenizer_dir=model_dir, **({"budget_tokens": calib_tokens} if calib_tokens else {}))
-        im = compute_imatrix(f16, calib.text, dataset=calib.dataset)
-        im.save(imat)
-    if needs_imatrix:
-        stamps.run("imatrix", {"gguf": fingerprint([f16]), "calib_tokens": calib_tokens}, [imat], measure_imatrix)
-    outs = []
-    for q in qts:
-        out = layout.gguf(q.name)
-        use = imat if needs_imatrix and (default_uses_imatrix(q) or q.needs_imatrix) else "none"
-        inputs = {"gguf": fingerprint([f16]), "imatrix": fingerprint([imat]) if use != "none" else None, "type": q.name}
-        stamps.run(f"gguf-{quant_tag(q.name)}", inputs, [out],
-                   lambda q=q, use=use: quantize(f16, [q.name], imatrix=use, name=layout.name,
-                                                 out_root=layout.root, log=log))
-        outs.append(out)
-    return outs
+
+def build_ggufs(model_dir: Path, layout: Layout, types: list[str], stamps: Stamps, log,
+                calib_tokens: int | None = None, gpu_layers: str | int | None = "auto") -> list[Path]:
+    from xvq.llamacpp import parse_type
+    from xvq.quantize import DEFAULT_CALIB_TOKENS, make_ggufs
+    qts = [parse_type(t) for t in types]
+    return make_ggufs(model_dir, qts, layout, [layout.gguf(q.name) for q in qts],
+                      calib_tokens=calib_tokens or DEFAULT_CALIB_TOKENS, gpu_layers=gpu_layers,
+                      step=stamped(stamps), log=log)
 
 
 def build_gptqs(model_dir: Path, layout: Layout, bits: list[int], stamps: Stamps, src_fp,
                 calib_tokens: int | None = None) -> list[Path]:
     if not bits:
         return []
-    from xvq.quantize.gptq import GptqSettings, quantize_gptq
+    from xvq.quantize import GptqSettings, quantize_gptq
     outs = []
     for b in bits:
         out = layout.gptq(b)
@@ -114,7 +104,7 @@ def split_report(data: dict, keep: list[str]) -> dict:
 
 def build_package(model_dir: Path, layout: Layout, data: dict, ggufs: list[Path], gptqs: list[Path],
                   split_bytes: int, src_hash: str, log) -> tuple[list[str], list[dict]]:
-    from xvq.validate.report import markdown
+    from xvq.validate import markdown
     config = read_config(model_dir)
     fam = family_for(config)
     base_model = config.get("_name_or_path") or layout.name
@@ -157,10 +147,10 @@ def manifest_meta(model_dir: Path, layout: Layout, data: dict, src_hash: str, le
     imat = layout.imatrix()
     imatrix = None
     if imat.is_file():
-        from xvq.quantize.imatrix import Imatrix
+        from xvq.quantize import Imatrix
         im = Imatrix.load(imat)
-        imatrix = {"file": imat.name, "sha256": sha256_file(imat), "dataset": getattr(im, "dataset", None),
-                   "chunks": getattr(im, "chunk_count", None), "entries": len(im)}
+        imatrix = {"file": imat.name, "sha256": sha256_file(imat), "dataset": im.datasets[0] if im.datasets else None,
+                   "chunks": im.chunk_count, "entries": len(im)}
     fits = {}
     for p in sorted(layout.gguf_dir.glob("*.gguf")):
         if p.name.startswith("."):
@@ -176,21 +166,20 @@ def release(model_dir: Path | str, *, name: str | None = None, out_root: Path | 
             gguf_types=DEFAULT_GGUF_TYPES, gptq_bits=DEFAULT_GPTQ_BITS, force: bool = False,
             split_max_size: str = DEFAULT_SPLIT, validate_options: dict | None = None,
             calib_tokens: int | None = None, log=print) -> ReleaseResult:
-    from xvq.convert.writer import parse_size
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     family_for(config, str(model_dir / "config.json"))  # fail early on an unsupported model
     layout = Layout.for_model(model_dir, name, out_root)
     stamps = Stamps(layout.base / ".stamps", force)
     src_fp = fingerprint([f for f in model_dir.iterdir() if f.is_file()])
-    ggufs = build_ggufs(model_dir, layout, list(gguf_types), stamps, src_fp, log, calib_tokens)
+    ggufs = build_ggufs(model_dir, layout, list(gguf_types), stamps, log, calib_tokens)
     gptqs = build_gptqs(model_dir, layout, list(gptq_bits), stamps, src_fp, calib_tokens)
     options = validate_options or {}
     data = run_validate(model_dir, layout, ggufs + gptqs, stamps, src_fp, options)
     summary = layout.base / ".stamps" / "package-result.json"   # who was packaged, for reruns that skip
 
     def pack():
-        included, left_out = build_package(model_dir, layout, data, ggufs, gptqs, parse_size(split_max_size),
+        included, left_out = build_package(model_dir, layout, data, ggufs, gptqs, parse_size(split_max_size, "--split-max-size"),
                                            model_hash(model_dir), log)
         summary.parent.mkdir(parents=True, exist_ok=True)
         summary.write_text(json.dumps({"included": included, "left_out": left_out}))

@@ -5,6 +5,7 @@
     report.passed, report.failures()
 """
 from xvq.validate.core import Report, validate
-from xvq.validate.report import SCHEMA_VERSION, load_report
+from xvq.validate.report import SCHEMA_VERSION, load_report, markdown
+from xvq.validate.tokparity import compare_tokenization, parity_sample
 
-__all__ = ["Report", "SCHEMA_VERSION", "load_report", "validate"]
+__all__ = ["Report", "SCHEMA_VERSION", "compare_tokenization", "load_report", "markdown", "parity_sample", "validate"]

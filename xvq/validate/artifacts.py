@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from xvq.checkpoint import weight_files
+from xvq.errors import XvqError
 from xvq.layout import gguf_shards
 
 
@@ -64,10 +66,6 @@ def inspect_gguf(path: Path) -> ArtifactInfo:
     return info
 
 
-def weight_files(folder: Path) -> list[Path]:
-    return sorted([*folder.glob("*.safetensors"), *folder.glob("*.bin")])
-
-
 def inspect_folder(folder: Path, ref_params: int | None) -> ArtifactInfo:
     cfg_path = folder / "config.json"
     info = ArtifactInfo(folder, "hf")
@@ -87,9 +85,10 @@ def inspect_folder(folder: Path, ref_params: int | None) -> ArtifactInfo:
         info.quant_type = str(cfg.get("torch_dtype") or cfg.get("dtype") or "?").replace("bfloat16", "BF16") \
             .replace("float16", "F16").replace("float32", "F32")
     info.n_vocab = cfg.get("vocab_size")
-    files = weight_files(folder)
-    if not files:
-        info.error = f"{folder}: no weight files (*.safetensors, *.bin); the folder is incomplete"
+    try:   # the checkpoint's own shards: a folder shipping both formats counts once
+        files = weight_files(folder)
+    except XvqError as e:
+        info.error = str(e)
         return info
     info.size_bytes = sum(f.stat().st_size for f in files)
     if ref_params:

@@ -16,7 +16,8 @@ from tqdm import tqdm
 from xvq.errors import XvqError
 from xvq.validate import artifacts as arts
 from xvq.validate import gate
-from xvq.validate.backends import GgufScorer, HfScorer, default_threads, reference_dtype, torch_device
+from xvq.llamacpp import default_threads
+from xvq.validate.backends import GgufScorer, HfScorer, reference_dtype, torch_device
 from xvq.validate.metrics import DEFAULT_TOP_K, artifact_rows, full_kld, in_row_blocks, perplexity
 from xvq.validate.reference import Reference, reference_for
 from xvq.validate.windows import Windows, load_tokenizer, make_windows

@@ -13,7 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from xvq.fsio import atomic_output
-from xvq.validate.backends import default_threads
+from xvq.llamacpp import default_threads
 from xvq.validate.metrics import FULL_SAMPLE_FLOATS, RefRows, in_row_blocks, reference_rows
 from xvq.validate.windows import Windows
 

@@ -11,13 +11,14 @@ prompts as chat front-ends send them: both parse `<|endoftext|>` and friends.
 from __future__ import annotations
 
 import difflib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from xvq.errors import XvqError
 
-SAMPLE_FILE = Path(__file__).resolve().parents[1] / "convert" / "parity_sample.txt"
+SAMPLE_FILE = Path(__file__).with_name("parity_sample.txt")
 SAMPLE_SEPARATOR = "\n%%\n"
 
 Tokenize = Callable[[str], list[int]]
@@ -76,50 +77,13 @@ def hf_tokenizer(folder: Path | str, special: bool = False) -> tuple[Tokenize, C
                    f"point at the Hugging Face model folder")
 
 
-class LlamaVocab:
-    """llama.cpp's tokenizer of a GGUF (any GGUF: only the vocabulary is loaded and no context is
-    made, so even a 65B file costs nothing)."""
-
-    def __init__(self, gguf_path: Path | str):
-        import llama_cpp
-        from llama_cpp import _logger
-        path = Path(gguf_path)
-        if not path.is_file():
-            raise XvqError(f"{path}: GGUF not found; convert the model first")
-        self._lib = llama_cpp
-        level = _logger.logger.level
-        _logger.set_verbose(False)  # llama.cpp logs the whole vocabulary load otherwise
-        params = llama_cpp.llama_model_default_params()
-        params.vocab_only = True
-        self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
-        _logger.logger.setLevel(level)
-        if not self._model:
-            raise XvqError(f"{path}: llama.cpp cannot load its vocabulary; re-convert with xvq convert")
-        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
-
-    def tokenize(self, text: str, special: bool = False) -> list[int]:
-        """add_bos=False: the Hugging Face reference is taken without special tokens too."""
-        data = text.encode("utf-8")
-        cap = len(data) + 16
-        while True:
-            buf = (self._lib.llama_token * cap)()
-            n = self._lib.llama_tokenize(self._vocab, data, len(data), buf, cap, False, special)
-            if n >= 0:
-                return list(buf[:n])
-            cap = -n
-
-    def piece(self, i: int) -> str:
-        return self._lib.llama_vocab_get_text(self._vocab, i).decode("utf-8", "replace")
-
-    def __del__(self):
-        if getattr(self, "_model", None):
-            self._lib.llama_model_free(self._model)
-            self._model = None
-
-
-def llama_tokenizer(gguf_path: Path | str, special: bool = False) -> tuple[Tokenize, Callable[[int], str]]:
-    v = LlamaVocab(gguf_path)
-    return (lambda s: v.tokenize(s, special)), v.piece
+@contextmanager
+def llama_tokenizer(gguf_path: Path | str, special: bool = False) -> Iterator[tuple[Tokenize, Callable[[int], str]]]:
+    """llama.cpp's tokenizer of a GGUF, vocabulary only (a 65B file costs nothing); no BOS, since
+    the Hugging Face reference is taken without special tokens too."""
+    from xvq.llamacpp import Gguf
+    with Gguf(gguf_path, vocab_only=True) as v:
+        yield (lambda s: v.tokenize(s, add_special=False, parse_special=special).tolist()), v.piece
 
 
 # --- comparison --------------------------------------------------------------------------------
@@ -141,8 +105,8 @@ def compare_tokenization(gguf_path: Path | str, hf_tokenizer_dir: Path | str, te
                          special: bool = False) -> ParityResult:
     """Tokenize every text with both and compare the id sequences."""
     hf, hf_piece = hf_tokenizer(hf_tokenizer_dir, special)
-    ll, ll_piece = llama_tokenizer(gguf_path, special)
-    return compare_tokenizers(hf, ll, texts, hf_piece, ll_piece)
+    with llama_tokenizer(gguf_path, special) as (ll, ll_piece):
+        return compare_tokenizers(hf, ll, texts, hf_piece, ll_piece)
 
 
 def compare_tokenizers(hf: Tokenize, ll: Tokenize, texts: Iterable[str], hf_piece=str, ll_piece=str) -> ParityResult:

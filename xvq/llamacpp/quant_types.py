@@ -1,15 +1,19 @@
-"""What llama.cpp's quantizer really writes for every tensor of a model, without running it.
+"""llama.cpp's quantization types, transcribed once (llama.cpp exports none of this):
 
-A llama.cpp file type (Q4_K_M, ...) is a mix: src/llama-quant.cpp picks a type per tensor
-(llama_tensor_get_type_impl: attn_v / ffn_down / output get more bits on some layers), then
-`tensor_type_fallback` demotes any type whose block does not divide the row length (ne[0]):
-XVERSE-MoE's expert down-projections have rows of 1728 and the shared experts' of 3456, neither
-a multiple of 256, so their k-quants fall back (Q4_K -> Q5_0, Q6_K -> Q8_0, Q2_K/Q3_K -> Q4_0,
-Q5_K -> Q5_1, IQ* -> IQ4_NL). This module transcribes those rules (llama-cpp-python 0.3.36's
-vendored llama.cpp; tests/test_moe.py checks them against its quantizer) for sizes and the
-laptop fit: `effective_tensor_types(family, "Q4_K_M")`.
+- every file type llama-quantize offers, the ggml type most of its weights get
+  (llama_ftype_get_default_type) and whether llama.cpp refuses it without an importance matrix;
+- what its quantizer writes for every tensor of a model (src/llama-quant.cpp,
+  llama_tensor_get_type_impl + tensor_type_fallback), for sizes and the laptop fit without running it;
+- the one rule for which types xvq gives an importance matrix.
 
-Not covered: --pure, --tensor-type overrides, MXFP4_MOE/TQ*, and the Falcon/GLM-5 special cases.
+Kept honest by the tests: files byte-identical to `llama-quantize`'s, and the per-tensor table
+against its quantizer on every type (tests/test_moe.py). Bits per weight come from gguf-py's
+GGML_QUANT_SIZES. Not covered: --pure, --tensor-type overrides, MXFP4_MOE/TQ* mixes, Falcon/GLM-5.
+
+A file type is a mix: attn_v / ffn_down / output get more bits on some layers, then any type whose
+block does not divide the row length (ne[0]) is demoted: XVERSE-MoE's expert down-projections have
+rows of 1728 and the shared experts' of 3456, neither a multiple of 256, so their k-quants fall back
+(Q4_K -> Q5_0, Q6_K -> Q8_0, Q2_K/Q3_K -> Q4_0, Q5_K -> Q5_1, IQ* -> IQ4_NL).
 """
 from __future__ import annotations
 
@@ -17,20 +21,79 @@ import re
 from dataclasses import dataclass, field
 
 import gguf
-import numpy as np
 
 from xvq.errors import XvqError
+from xvq.llamacpp.gguf_file import type_bpw
 
 QT = gguf.GGMLQuantizationType
 
-# llama_ftype_get_default_type
-FTYPE_DEFAULT = {
-    "F32": "F32", "F16": "F16", "BF16": "BF16", "Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q5_0": "Q5_0", "Q5_1": "Q5_1",
-    "Q8_0": "Q8_0", "Q2_K_S": "Q2_K", "Q2_K": "Q2_K", "IQ3_XS": "IQ3_S", "Q3_K_S": "Q3_K", "Q3_K_M": "Q3_K",
-    "Q3_K_L": "Q3_K", "Q4_K_S": "Q4_K", "Q4_K_M": "Q4_K", "Q5_K_S": "Q5_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K",
-    "IQ2_XXS": "IQ2_XXS", "IQ2_XS": "IQ2_XS", "IQ2_S": "IQ2_XS", "IQ2_M": "IQ2_S", "IQ3_XXS": "IQ3_XXS",
-    "IQ1_S": "IQ1_S", "IQ1_M": "IQ1_M", "IQ4_NL": "IQ4_NL", "IQ4_XS": "IQ4_XS", "IQ3_S": "IQ3_S", "IQ3_M": "IQ3_S",
+# llama-quantize's file types (tools/quantize/quantize.cpp QUANT_OPTIONS): name -> (default ggml
+# type of its weights, llama.cpp refuses it without an imatrix: IQ1/IQ2, IQ3_XXS, Q2_K_S).
+FILE_TYPES = {
+    "Q1_0": ("Q1_0", False), "Q2_0": ("Q2_0", False), "Q4_0": ("Q4_0", False), "Q4_1": ("Q4_1", False),
+    "MXFP4_MOE": ("MXFP4", False), "Q5_0": ("Q5_0", False), "Q5_1": ("Q5_1", False),
+    "IQ2_XXS": ("IQ2_XXS", True), "IQ2_XS": ("IQ2_XS", True), "IQ2_S": ("IQ2_XS", True), "IQ2_M": ("IQ2_S", True),
+    "IQ1_S": ("IQ1_S", True), "IQ1_M": ("IQ1_M", True), "TQ1_0": ("TQ1_0", False), "TQ2_0": ("TQ2_0", False),
+    "Q2_K": ("Q2_K", False), "Q2_K_S": ("Q2_K", True), "IQ3_XXS": ("IQ3_XXS", True), "IQ3_S": ("IQ3_S", False),
+    "IQ3_M": ("IQ3_S", False), "IQ3_XS": ("IQ3_S", False), "Q3_K_S": ("Q3_K", False), "Q3_K_M": ("Q3_K", False),
+    "Q3_K_L": ("Q3_K", False), "IQ4_NL": ("IQ4_NL", False), "IQ4_XS": ("IQ4_XS", False), "Q4_K_S": ("Q4_K", False),
+    "Q4_K_M": ("Q4_K", False), "Q5_K_S": ("Q5_K", False), "Q5_K_M": ("Q5_K", False), "Q6_K": ("Q6_K", False),
+    "Q8_0": ("Q8_0", False), "F16": ("F16", False), "BF16": ("BF16", False), "F32": ("F32", False),
 }
+ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
+# tensor types that are not weights a user may ask for
+_NOT_WEIGHT_TYPES = ("I8", "I16", "I32", "I64", "F64")
+
+
+@dataclass(frozen=True)
+class QuantType:
+    name: str          # llama-quantize's name, e.g. Q4_K_M
+    main: str          # ggml type of most weights
+    needs_imatrix: bool = False   # llama.cpp refuses without one
+
+    @property
+    def ftype(self) -> int:
+        """llama_ftype, asked of the installed llama.cpp (the enum has gaps that move)."""
+        from xvq.llamacpp.runtime import ftype_value
+        return ftype_value(self.name)
+
+    @property
+    def bpw(self) -> float:
+        """Nominal bits per weight of the main tensor type."""
+        return type_bpw(self.main)
+
+    def gets_imatrix(self, auto: bool = True) -> bool:
+        """xvq's rule: an explicit imatrix file applies to every type; `auto` measures and applies
+        one below Q6_K (where llama.cpp's docs recommend it) and wherever llama.cpp demands one."""
+        return not auto or self.needs_imatrix or self.bpw < type_bpw("Q6_K")
+
+
+def quant_types() -> dict[str, QuantType]:
+    return {n: QuantType(n, main, req) for n, (main, req) in FILE_TYPES.items()}
+
+
+def parse_type(name: str) -> QuantType:
+    """Case-insensitive; an unknown name lists the valid ones."""
+    key = ALIASES.get(name.strip().upper(), name.strip().upper())
+    if key not in FILE_TYPES:
+        raise XvqError(f"--type {name}: unknown quantization type; use one of {', '.join(FILE_TYPES)}")
+    return QuantType(key, *FILE_TYPES[key])
+
+
+def parse_ggml_type(name: str | None, option: str) -> int | None:
+    """--output-tensor-type / --token-embedding-type: a ggml tensor type name (q8_0, q6_k, f16...)."""
+    if name is None:
+        return None
+    key = name.strip().upper()
+    if key not in QT.__members__ or key in _NOT_WEIGHT_TYPES:
+        valid = sorted(k for k in QT.__members__ if k not in _NOT_WEIGHT_TYPES)
+        raise XvqError(f"{option} {name}: unknown tensor type; use one of {', '.join(valid)}")
+    return int(QT[key])
+
+
+# llama_ftype_get_default_type, for the per-tensor mixes
+FTYPE_DEFAULT = {n: main for n, (main, _) in FILE_TYPES.items()
+                 if n not in ("Q1_0", "Q2_0", "MXFP4_MOE", "TQ1_0", "TQ2_0")}
 
 # tensor_type_fallback: a 256-block type whose block does not divide the row -> a 32-block type
 FALLBACK = {**dict.fromkeys(("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_XS"), "IQ4_NL"),
@@ -251,45 +314,3 @@ def tensor_types(tensors: dict[str, tuple[tuple[int, ...], str]], ftype: str, *,
             t = fallback_type(shape[-1], _mix_type(s, default, name, shape[-1], ftype, category(name)))
         out[name] = t
     return out
-
-
-def family_tensors(fam, source_outtype: str = "f16") -> dict[str, tuple[tuple[int, ...], str]]:
-    """The GGUF tensors `xvq convert` writes for a family's config (names, shapes, types), from
-    the config alone: the family maps its expected checkpoint shapes as it would real tensors."""
-    from xvq.convert.writer import tensor_type
-    from xvq.models.base import SourceTensor
-
-    def unreadable(sel):
-        raise RuntimeError("shape-only source")
-    sources = {n: SourceTensor(n, tuple(shape), "F16", unreadable) for n, shape in fam.expected_shapes().items()}
-    return {t.name: (tuple(t.shape), tensor_type(t, source_outtype).name) for t in fam.gguf_tensors(sources)}
-
-
-def effective_tensor_types(fam, ftype: str, *, has_imatrix: bool = False,
-                           source_outtype: str = "f16") -> dict[str, str]:
-    """For a Family: GGUF tensor name -> ggml type after `llama-quantize <ftype>`."""
-    hp = fam.hp
-    is_70b = fam.gguf_arch == "llama" and hp.n_layer == 80 and hp.n_head != hp.n_head_kv
-    return tensor_types(family_tensors(fam, source_outtype), ftype, n_layer=hp.n_layer, n_expert=hp.n_expert,
-                        n_gqa=hp.n_head // hp.n_head_kv, has_imatrix=has_imatrix, is_70b=is_70b)
-
-
-def pattern_summary(types: dict[str, str]) -> dict[str, dict[str, int]]:
-    """`blk.*.ffn_down_exps.weight` -> {type: how many layers}: the per-kind view of a mix."""
-    out: dict[str, dict[str, int]] = {}
-    for name, t in types.items():
-        key = re.sub(r"^blk\.\d+\.", "blk.*.", name)
-        out.setdefault(key, {})
-        out[key][t] = out[key].get(t, 0) + 1
-    return out
-
-
-def quantized_bytes(fam, ftype: str, **kw) -> int:
-    """Size of the tensor data of `fam` quantized to `ftype` (what a laptop must hold)."""
-    shapes = family_tensors(fam)
-    types = effective_tensor_types(fam, ftype, **kw)
-    total = 0
-    for name, (shape, _) in shapes.items():
-        block, size = gguf.GGML_QUANT_SIZES[QT[types[name]]]
-        total += int(np.prod(shape)) // block * size
-    return total
