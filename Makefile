@@ -3,7 +3,6 @@ PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 XVQ     := $(BIN)/xvq
-STAMP   := $(VENV)/.xvq-setup
 MODEL   ?= xvq/demo/model
 NAME    ?= $(if $(filter xvq/demo/model,$(MODEL)),XVERSE-Demo,)
 OUT     ?= out
@@ -11,8 +10,17 @@ TYPES   ?= Q4_K_M Q8_0
 BITS    ?= 4
 PYTEST_ARGS ?=
 NAMEOPT := $(if $(NAME),--name $(NAME),)
-export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
+# llama.cpp's backend: CPU, Metal on macOS (llama.cpp's own default there), CUDA with GPU=cuda.
+GPU     ?= $(if $(wildcard $(VENV)/.xvq-setup-cuda),cuda,)   # a CUDA set-up stays CUDA until GPU=cpu
+UNAME_S := $(shell uname -s)
+BACKEND := $(if $(filter cuda,$(GPU)),cuda,$(if $(filter Darwin,$(UNAME_S)),metal,cpu))
+CMAKE_cpu   := -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
+CMAKE_metal := -DGGML_METAL=on -DLLAVA_BUILD=OFF
+CMAKE_cuda  := -DGGML_CUDA=on -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
+export CMAKE_ARGS ?= $(CMAKE_$(BACKEND))
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
+LLAMA_CPP_PIN := $(shell grep -m1 '^llama-cpp-python==' requirements.lock)
+STAMP   := $(VENV)/.xvq-setup$(if $(filter cpu,$(BACKEND)),,-$(BACKEND))
 
 .PHONY: setup test demo gguf gptq validate release anchors bench clean
 
@@ -25,6 +33,10 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -r requirements.lock
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	@# a venv set up for another backend keeps its llama-cpp-python build: rebuild it for this one
+	if ls $(VENV)/.xvq-setup* 2>/dev/null | grep -qvx "$(STAMP)"; then \
+	  $(BIN)/python -m pip install -q --force-reinstall --no-deps --no-cache-dir "$(LLAMA_CPP_PIN)"; fi
+	rm -f $(VENV)/.xvq-setup*
 	touch $(STAMP)
 
 # llama.cpp's own tools (llama-quantize, llama-imatrix, llama-perplexity) and converter, built

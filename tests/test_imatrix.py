@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,9 +27,10 @@ def anchor(name: str):
 
 
 def llama_imatrix(model, text_file, out, *extra) -> None:
-    subprocess.run([str(anchor("llama-imatrix")), "-m", str(model), "-f", str(text_file), "-o", str(out),
-                    "-c", str(N_CTX), "-b", str(N_CTX), "--no-ppl", "-t", "1", *extra],
-                   check=True, capture_output=True, text=True)
+    # run beside the text so llama-imatrix records its name, as xvq does (no local paths in files)
+    subprocess.run([str(anchor("llama-imatrix")), "-m", str(Path(model).resolve()), "-f", Path(text_file).name,
+                    "-o", str(Path(out).resolve()), "-c", str(N_CTX), "-b", str(N_CTX), "--no-ppl", "-t", "1", *extra],
+                   check=True, capture_output=True, text=True, cwd=Path(text_file).parent)
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +93,10 @@ def assert_agrees_with_llama_imatrix(ours: Imatrix, ref: Imatrix) -> None:
 def test_matches_llama_imatrix_on_trained_model(stories, stories_ref):
     model, text = stories
     ref = Imatrix.load(stories_ref)
-    im = ours(model, text, dataset=str(text))
+    im = ours(model, text, dataset=text.name)
     assert_agrees_with_llama_imatrix(im, ref)
     assert min(im.cosine(ref).values()) >= 0.99
-    assert ref.datasets == im.datasets == [str(text)]
+    assert ref.datasets == im.datasets == [text.name]
 
 
 def test_moe_expert_statistics_match_llama_imatrix(tiny_moe, moe_ref):
@@ -119,7 +121,7 @@ def test_legacy_dat_gives_the_same_means(stories, stories_ref, tmp_path):
     model, text = stories
     llama_imatrix(model, text, tmp_path / "ref.dat", "--output-format", "dat")
     g, d = Imatrix.load(stories_ref).values(), Imatrix.load(tmp_path / "ref.dat")
-    assert d.datasets == [str(text)] and d.chunk_count > 0
+    assert d.datasets == [text.name] and d.chunk_count > 0
     dv = d.values()
     assert sorted(dv) == sorted(g)
     for name in g:
@@ -170,8 +172,9 @@ def test_moe_quantizes_byte_identically_to_llama_quantize(tiny_moe, moe_ref, tmp
     from xvq.quantize.gguf import quantize_file
     model, _ = tiny_moe
     ref = tmp_path / "ref.gguf"
-    subprocess.run([str(anchor("llama-quantize")), "--imatrix", str(moe_ref), str(model), str(ref), "Q4_K_M",
-                    str(THREADS)], check=True, capture_output=True)
+    # llama-quantize records --imatrix as given: beside the file it records the name, as xvq does
+    subprocess.run([str(anchor("llama-quantize")), "--imatrix", moe_ref.name, str(model), str(ref), "Q4_K_M",
+                    str(THREADS)], check=True, capture_output=True, cwd=moe_ref.parent)
     ours = quantize_file(model, tmp_path / "ours.gguf", "Q4_K_M", imatrix=Imatrix.load(moe_ref),
                          n_threads=THREADS, progress=False)
     assert ours.read_bytes() == ref.read_bytes()
