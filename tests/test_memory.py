@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import FALLBACK_TEXT, ROOT
 
 WIDTH = dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=8)  # ~12.6M params a layer
 
@@ -102,3 +102,85 @@ def test_measurement_sees_a_converter_that_holds_tensors(models, tmp_path):
     peaks = {n: convert_peak(m, tmp_path / f"leak{n}.gguf", leaky=True) for n, m in models.items()}
     print(f"\nleaky peak RssAnon: 2 layers {peaks[2]:.0f} MB, 8 layers {peaks[8]:.0f} MB")
     assert peaks[8] - peaks[2] > 0.8 * (ckpt_mb(models[8]) - ckpt_mb(models[2]))
+
+
+# --- every other stage, measured the same way (issue: memory that does not grow with depth) ------
+# The f16 GGUF is memory-mapped by llama.cpp (page cache, not RssAnon); what a stage holds beyond
+# that is compute buffers and per-tensor work space, which depend on the width, not the depth.
+
+@pytest.fixture(scope="module")
+def ggufs(models, tmp_path_factory) -> dict[int, Path]:
+    from xvq.convert import convert
+    root = tmp_path_factory.mktemp("mem-gguf")
+    return {n: convert(m, root / f"m{n}-f16.gguf", "f16", progress=False)[0] for n, m in models.items()}
+
+
+def xvq_peak(*args: str) -> float:
+    peak, proc = peak_anon_mb([sys.executable, "-m", "xvq.cli", *args], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
+    return peak
+
+
+def gguf_mb(path: Path) -> float:
+    return path.stat().st_size / 1e6
+
+
+def test_imatrix_memory_does_not_grow_with_layers(ggufs, tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(FALLBACK_TEXT[:16]))     # a few chunks of 128: the graph, not the text, is measured
+    peaks = {n: xvq_peak("quantize", "imatrix", str(g), "-o", str(tmp_path / f"m{n}.imatrix.gguf"), "--calib-file",
+                         str(text), "--ctx", "128", "--gpu-layers", "0") for n, g in ggufs.items()}
+    print(f"\nimatrix peak RssAnon: 2 layers {peaks[2]:.0f} MB, 8 layers {peaks[8]:.0f} MB "
+          f"(f16 {gguf_mb(ggufs[2]):.0f} / {gguf_mb(ggufs[8]):.0f} MB)")
+    assert gguf_mb(ggufs[8]) - gguf_mb(ggufs[2]) > 140
+    assert peaks[8] <= peaks[2] + 25
+
+
+def test_quantize_memory_does_not_grow_with_layers(ggufs, tmp_path):
+    peaks = {n: xvq_peak("quantize", "gguf", str(g), "--type", "Q4_0", "--imatrix", "none",
+                         "--outfile", str(tmp_path / f"m{n}-q4_0.gguf")) for n, g in ggufs.items()}
+    print(f"\nquantize Q4_0 peak RssAnon: 2 layers {peaks[2]:.0f} MB, 8 layers {peaks[8]:.0f} MB")
+    assert peaks[8] <= peaks[2] + 25
+
+
+@pytest.mark.anchors
+def test_validate_gguf_reference_memory_grows_only_as_llama_perplexity_does(models, ggufs, tmp_path):
+    """The reference scored from its f16 GGUF in llama.cpp (the path for models that do not fit).
+    llama.cpp's KV cache is per layer (2 x n_ctx x n_embd_kv x 2 bytes a layer, for the n_seq
+    windows of a batch: 8 MB a layer here), so llama-perplexity itself grows with depth; xvq may
+    grow by that and nothing more."""
+    from xvq.anchors import tool
+    exe = tool("llama-perplexity", build=False)
+    if exe is None:
+        pytest.skip("llama.cpp tool llama-perplexity not built (python -m xvq.anchors build)")
+    text = tmp_path / "eval.txt"
+    text.write_text(" ".join(reversed(FALLBACK_TEXT[:40])))
+    ours, anchor = {}, {}
+    for n, g in ggufs.items():
+        ours[n], proc = peak_anon_mb([sys.executable, "-m", "xvq.cli", "validate", "--reference", str(models[n]),
+                                      str(g), "--reference-gguf", str(g), "--text", str(text), "--ctx", "128",
+                                      "--max-tokens", "1024", "--report", str(tmp_path / f"report{n}")], timeout=600)
+        assert (tmp_path / f"report{n}" / "report.json").is_file(), proc.stderr[-2000:]
+        anchor[n], proc = peak_anon_mb([str(exe), "-m", str(g), "-f", str(text), "-c", "128", "-b", "2048",
+                                        "-t", "2", "--chunks", "4"], timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    print(f"\nvalidate (GGUF reference) peak RssAnon: 2 layers {ours[2]:.0f} MB, 8 layers {ours[8]:.0f} MB; "
+          f"llama-perplexity {anchor[2]:.0f} / {anchor[8]:.0f} MB")
+    assert ours[8] - ours[2] <= anchor[8] - anchor[2] + 25
+
+
+def test_delta_apply_memory_does_not_grow_with_layers(models, tmp_path):
+    """Ziya's procedure, streamed: a delta (target = a copy of the base) applied tensor by tensor."""
+    from xvq.delta import make_delta
+    peaks = {}
+    for n, m in models.items():
+        target = shutil.copytree(m, tmp_path / f"target{n}")
+        delta = make_delta(m, target, tmp_path / f"delta{n}")
+        shutil.rmtree(target)
+        peaks[n] = xvq_peak("delta", "apply", "--base", str(m), "--delta", str(delta),
+                            "--outdir", str(tmp_path / f"merged{n}"))
+        shutil.rmtree(tmp_path / f"merged{n}")
+        shutil.rmtree(delta)
+    print(f"\ndelta apply peak RssAnon: 2 layers {peaks[2]:.0f} MB, 8 layers {peaks[8]:.0f} MB")
+    assert ckpt_mb(models[8]) - ckpt_mb(models[2]) > 140
+    assert peaks[8] <= peaks[2] + 25
