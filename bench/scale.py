@@ -1,0 +1,229 @@
+"""What a full-size run costs, projected from full-width slices measured on this machine.
+
+For each model xvq targets, random checkpoints at the real width are built with 1 and 2 layers
+(MoE: 8 of the 64 routed experts plus the shared ones, and a third slice with 16 experts to price
+one expert), every stage runs as the command a user runs, in its own process, and its wall time,
+peak anonymous memory (RssAnon, as tests/test_memory.py measures it) and the bytes it wrote are
+recorded. Per-layer cost = 2-layer minus 1-layer; fixed cost = the rest; the table projects each
+stage to the full depth (and, for MoE, to 64 experts) on this machine, and prints the per-layer
+figures to scale by other hardware.
+
+    .venv/bin/python bench/scale.py --quick        # XVERSE-7B and Ziya-LLaMA-13B (the two smallest)
+    .venv/bin/python bench/scale.py                # every model (needs ../shared/assets)
+    .venv/bin/python bench/scale.py --models XVERSE-65B --stages convert
+
+Shapes come from ../shared/assets/xverse-configs (MoE-A36B derived from its README's table);
+Ziya-LLaMA-13B is LLaMA-13B's shape (40 layers of 5120, vocabulary 39,410). At most one model's
+files exist at a time (under .cache/bench/scale, deleted before the next).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tests.test_memory import peak_anon_mb  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "assets"
+WORK = ROOT / ".cache" / "bench" / "scale"
+ZIYA = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=5120, intermediate_size=13824,
+            num_attention_heads=40, num_key_value_heads=40, num_hidden_layers=40, vocab_size=39410,
+            rms_norm_eps=1e-6, max_position_embeddings=2048, hidden_act="silu", tie_word_embeddings=False,
+            bos_token_id=1, eos_token_id=2, rope_theta=10000.0)
+MODELS = ["XVERSE-7B-Chat", "Ziya-LLaMA-13B", "XVERSE-13B", "XVERSE-MoE-A4.2B", "XVERSE-65B", "XVERSE-MoE-A36B"]
+QUICK = MODELS[:2]
+STAGES = ["convert", "imatrix", "quantize", "gptq", "validate", "delta"]
+CALIB_TOKENS, EXPERTS = 4096, 8
+
+
+def full_config(name: str) -> dict:
+    if name == "Ziya-LLaMA-13B":
+        return dict(ZIYA)
+    return json.loads((SHARED / "xverse-configs" / name / "config.json").read_text())
+
+
+def slice_config(cfg: dict, n_layer: int, n_experts: int = EXPERTS) -> dict:
+    out = cfg | {"num_hidden_layers": n_layer}
+    if "num_experts" in cfg:
+        out["num_experts"] = n_experts
+    return out
+
+
+def tokenizer_for(cfg: dict, into: Path) -> None:
+    """XVERSE: the XVERSE-style 100k tokenizer (rows past it are padding, as in the real
+    models); LLaMA/Ziya: a BPE of the calibration text near the config's vocabulary size."""
+    if cfg["model_type"] == "xverse":
+        for f in (SHARED / "xverse-style-tokenizer").iterdir():
+            shutil.copy(f, into / f.name)
+        return
+    cached = WORK.parent / f"tok-{cfg['vocab_size']}"
+    if not cached.is_dir():
+        from xvq.calib_data import corpus_texts
+        from xvq.synth import save_xverse_tokenizer, xverse_style_tokenizer
+        save_xverse_tokenizer(xverse_style_tokenizer(corpus_texts(), cfg["vocab_size"] - 8), cached)
+    for f in cached.iterdir():
+        shutil.copy(f, into / f.name)
+
+
+def build(folder: Path, cfg: dict) -> Path:
+    """bf16 safetensors, re-saved as pickle .bin for XVERSE (its shipping format)."""
+    from xvq.synth import write_random_safetensors
+    files = write_random_safetensors(folder, cfg, dtype="bfloat16", shard_bytes=4 << 30)
+    if cfg["model_type"] == "xverse":
+        from safetensors.torch import load_file
+        from xvq.synth import save_pickle_shards
+        state = {k: v for f in files for k, v in load_file(str(f)).items()}
+        save_pickle_shards(state, folder, n_shards=max(2, len(files)))
+        del state
+        for f in folder.glob("*.safetensors*"):
+            f.unlink()
+    tokenizer_for(cfg, folder)
+    return folder
+
+
+def size_of(paths) -> int:
+    total = 0
+    for p in map(Path, paths):
+        total += sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else \
+            (p.stat().st_size if p.exists() else 0)
+    return total
+
+
+def xvq(*args) -> list[str]:
+    return [sys.executable, "-m", "xvq.cli", *map(str, args)]
+
+
+def stage_commands(model: Path, w: Path, texts: tuple[Path, Path]) -> dict:
+    """stage -> (command, outputs); in the order they depend on each other."""
+    calib, evaluation = texts
+    f16, im, q4 = w / "f16.gguf", w / "im.gguf", w / "q4_k_m.gguf"
+    return {
+        "convert": (xvq("convert", model, "--outfile", f16, "--outtype", "f16"), [f16]),
+        "imatrix": (xvq("quantize", "imatrix", f16, "-o", im, "--calib-file", calib, "--ctx", 512), [im]),
+        "quantize": (xvq("quantize", "gguf", f16, "--type", "Q4_K_M", "--imatrix", im, "--outfile", q4), [q4]),
+        "gptq": (xvq("quantize", "gptq", model, "--outdir", w / "gptq", "--bits", 4, "--calib-tokens", CALIB_TOKENS,
+                     "--max-seq-len", 512), [w / "gptq"]),
+        "validate": (xvq("validate", "--reference", model, q4, "--reference-gguf", f16, "--text", evaluation,
+                         "--ctx", 512, "--max-tokens", 1024, "--report", w / "report"), [w / "report"]),
+    }
+
+
+def run_stage(cmd: list[str], outputs: list[Path], timeout: float) -> dict:
+    t0 = time.perf_counter()
+    peak, proc = peak_anon_mb(cmd, timeout=timeout)
+    ok = proc.returncode == 0 or (cmd[3] == "validate" and (outputs[0] / "report.json").is_file())
+    return {"s": time.perf_counter() - t0, "mb": peak, "bytes": size_of(outputs), "ok": ok,
+            "err": "" if ok else (proc.stderr.strip().splitlines() or ["?"])[-1][:160]}
+
+
+def measure_slice(name: str, cfg: dict, stages: list[str], texts, timeout: float) -> dict:
+    folder = WORK / name / f"{cfg['num_hidden_layers']}L-{cfg.get('num_experts', 0)}E"
+    shutil.rmtree(folder, ignore_errors=True)
+    model = build(folder / "model", cfg)
+    work = folder / "out"
+    work.mkdir()
+    cmds = stage_commands(model, work, texts)
+    out = {}
+    for stage in stages:
+        if stage == "delta":
+            out[stage] = delta_stage(model, work, timeout)
+        elif stage in cmds:
+            out[stage] = run_stage(*cmds[stage], timeout)
+        print(f"  {name} {cfg['num_hidden_layers']}L/{cfg.get('num_experts', '-')}E {stage}: "
+              f"{out[stage]['s']:.1f} s, {out[stage]['mb']:.0f} MB{'' if out[stage]['ok'] else ' FAILED ' + out[stage]['err']}",
+              flush=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    return out
+
+
+def delta_stage(model: Path, work: Path, timeout: float) -> dict:
+    """Ziya's delta merge: the delta of a fine-tune (here: the base itself) applied onto the base."""
+    from xvq.delta import make_delta
+    target = shutil.copytree(model, work / "target")
+    delta = make_delta(model, target, work / "delta")
+    shutil.rmtree(target)
+    return run_stage(xvq("delta", "apply", "--base", model, "--delta", delta, "--outdir", work / "merged"),
+                     [work / "merged"], timeout)
+
+
+def project(one: dict, two: dict, n_layer: int, more: dict | None = None, n_expert: int = 0) -> dict:
+    """Fixed + per-layer cost, at the model's depth; MoE: per-expert cost from the 16-expert slice."""
+    per_layer = {k: two[k] - one[k] for k in ("s", "mb", "bytes")}
+    per_expert = {k: 0.0 for k in per_layer}
+    if more is not None:
+        per_expert = {k: (more[k] - one[k]) / EXPERTS for k in per_layer}
+    full_layer = {k: per_layer[k] + (n_expert - EXPERTS) * per_expert[k] for k in per_layer} if more else per_layer
+    fixed = {k: one[k] - per_layer[k] for k in per_layer}
+    return {"per_layer": full_layer, "per_expert": per_expert,
+            "s": fixed["s"] + n_layer * full_layer["s"], "bytes": fixed["bytes"] + n_layer * full_layer["bytes"],
+            # memory is a peak, not a sum: the 1-layer peak plus the growth per layer, if any
+            "mb": one["mb"] + (n_layer - 1) * max(0.0, full_layer["mb"])}
+
+
+def texts() -> tuple[Path, Path]:
+    from xvq.calib_data import calibration, heldout_texts
+    WORK.mkdir(parents=True, exist_ok=True)
+    calib, evaluation = WORK.parent / "scale-calib.txt", WORK.parent / "scale-eval.txt"
+    calib.write_text(calibration(budget_tokens=CALIB_TOKENS).text, encoding="utf-8")
+    evaluation.write_text("\n\n".join(heldout_texts()), encoding="utf-8")
+    return calib, evaluation
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="the two smallest models only")
+    ap.add_argument("--models", nargs="*", default=None)
+    ap.add_argument("--stages", nargs="*", default=STAGES)
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per stage")
+    ap.add_argument("--json", type=Path, default=None, help="also write the measurements here")
+    a = ap.parse_args()
+    if not (SHARED / "xverse-configs").is_dir():
+        sys.exit(f"needs {SHARED}/xverse-configs and xverse-style-tokenizer (the real models' shapes)")
+    models = a.models or (QUICK if a.quick else MODELS)
+    tx = texts()
+    rows = []
+    for name in models:
+        cfg = full_config(name)
+        stages = [s for s in a.stages if s != "delta" or name.startswith("Ziya")]
+        one = measure_slice(name, slice_config(cfg, 1), stages, tx, a.timeout)
+        two = measure_slice(name, slice_config(cfg, 2), stages, tx, a.timeout)
+        more = measure_slice(name, slice_config(cfg, 1, 2 * EXPERTS), stages, tx, a.timeout) \
+            if "num_experts" in cfg else None
+        for s in stages:
+            if not (one[s]["ok"] and two[s]["ok"] and (more is None or more[s]["ok"])):
+                rows.append({"model": name, "stage": s, "failed": one[s]["err"] or two[s]["err"]})
+                continue
+            p = project(one[s], two[s], cfg["num_hidden_layers"], more and more[s], cfg.get("num_experts", 0))
+            rows.append({"model": name, "stage": s, "one": one[s], "two": two[s], "projection": p})
+        shutil.rmtree(WORK / name, ignore_errors=True)
+    print_table(rows)
+    if a.json:
+        a.json.write_text(json.dumps(rows, indent=1))
+
+
+def print_table(rows: list[dict]) -> None:
+    print("\n| model | stage | 1 layer s / MB | 2 layers s / MB | per layer s / MB / GB written | "
+          "projected full: time | peak anon memory | disk written |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "failed" in r:
+            print(f"| {r['model']} | {r['stage']} | failed: {r['failed']} | | | | | |")
+            continue
+        o, t, p = r["one"], r["two"], r["projection"]
+        pl = p["per_layer"]
+        print(f"| {r['model']} | {r['stage']} | {o['s']:.1f} / {o['mb']:.0f} | {t['s']:.1f} / {t['mb']:.0f} | "
+              f"{pl['s']:.1f} / {pl['mb']:+.0f} / {pl['bytes'] / 1e9:.2f} | {p['s'] / 60:.1f} min | "
+              f"{p['mb'] / 1e3:.2f} GB | {p['bytes'] / 1e9:.1f} GB |")
+    print("\nper layer: the 2-layer minus the 1-layer slice (MoE: with all 64 experts, priced from the 16-expert "
+          "slice); projected = fixed + depth x per layer, on this machine's cores.")
+
+
+if __name__ == "__main__":
+    main()
