@@ -15,7 +15,8 @@ SCHEMA_VERSION = 1
 
 
 def build_report(*, reference_dir: Path, reference_gguf, ref, windows, text_source: str, entries: list[dict],
-                 overrides: dict, top_k: int, max_tokens, input_problem: str | None) -> dict:
+                 overrides: dict, top_k: int, max_tokens, input_problem: str | None,
+                 model_name: str | None = None) -> dict:
     import xvq
     ref_langs = {}
     for lang, (wa, wb) in windows.spans.items():
@@ -30,6 +31,7 @@ def build_report(*, reference_dir: Path, reference_gguf, ref, windows, text_sour
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "reference": {
             "path": str(reference_dir),
+            "name": model_name or Path(reference_dir).name,
             "scored_with": "llama.cpp" if reference_gguf else "transformers",
             "gguf": str(reference_gguf) if reference_gguf else None,
             "perplexity": perplexity(ref.rows.nll) if ref is not None else None,
@@ -153,7 +155,8 @@ def plot(data: dict, path: Path) -> None:
     ax1.axhline(1.0, color="gray", lw=0.8)
     ax1.set(xlabel="bits per weight", ylabel="perplexity / reference", title="Perplexity ratio")
     ax2.set(xlabel="bits per weight", ylabel="mean KL divergence", title="KL divergence", yscale="log")
-    fig.suptitle(f"{Path(data['reference']['path']).name}: quality against bits per weight (red: fails the gate)",
+    name = data["reference"].get("name") or Path(data["reference"]["path"]).name
+    fig.suptitle(f"{name}: quality against bits per weight (red: fails the gate)",
                  fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120, format="png")
