@@ -115,8 +115,8 @@ def gptq_how_to_run(folder: Path) -> str:
     form = gptq_form(folder)
     remote = ", trust_remote_code=True" if form == "remote-code" else ""
     lines = ["## How to run", "",
-             "transformers with GPTQModel installed (`pip install transformers gptqmodel`); xvq tested exactly "
-             "this in a fresh Python process without xvq"
+             "transformers with GPTQModel installed (`pip install transformers gptqmodel`); xvq tested this on "
+             "CPU, in a fresh Python process without xvq"
              + (" (the modeling file ships in this folder)." if remote else ", without remote code."), "",
              "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
              f'model = AutoModelForCausalLM.from_pretrained("{folder.name}", device_map="auto"{remote})',

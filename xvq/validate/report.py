@@ -104,7 +104,7 @@ def markdown(data: dict) -> str:
             f"| {_f(a['kld_mean'], '.5f')} | {_f(a['kld_p99'], '.4f')} "
             f"| {_f(a['top1_agreement'] * 100 if a['top1_agreement'] is not None else None, '.2f')}% "
             f"| {_f(a['token_mismatch_rate'], '.4f')} | {'pass' if a['passed'] else 'FAIL'} |")
-    out = [f"Reference: `{Path(ref['path']).name}` ({ref['scored_with']}), perplexity "
+    out = [f"Reference: `{ref.get('name') or Path(ref['path']).name}` ({ref['scored_with']}), perplexity "
            f"{_f(ref['perplexity'], '.4f')}; {s['n_windows']} windows of {s['ctx']} tokens, "
            f"{s['n_tokens_scored']} tokens scored (second half of each window); text: {s['text']}; "
            f"KLD on the reference's top-{s['top_k']} tokens plus the rest as one bin.", "", *lines]
