@@ -34,7 +34,7 @@ def test_modelscope_configuration_and_upload_commands(tmp_path):
         write_hub_files(d)
     assert json.loads((plain / "configuration.json").read_text()) == {"framework": "pytorch", "task": "text-generation"}
     assert json.loads((remote / "configuration.json").read_text())["allow_remote"] is True
-    assert upload_commands(plain, "me") == [f"hf upload me/A-GPTQ-Int4 {plain} . --repo-type model",
+    assert upload_commands(plain, "me") == [f"hf upload me/A-GPTQ-Int4 {plain} .",
                                             f"modelscope upload me/A-GPTQ-Int4 {plain}"]
 
 
@@ -78,3 +78,20 @@ def test_quiet_steps_keep_library_output_in_the_log(tmp_path, capfd):
     assert "failed" in err and f"its output: {tmp_path / 'logs' / 'bad.log'}" in err
     print("console again")
     assert "console again" in capfd.readouterr().out   # the streams are back
+
+
+@pytest.mark.parametrize("config,files,remote,untested_line", [
+    ({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}, [], False, True),
+    ({"architectures": ["XverseForCausalLM"], "auto_map": {"AutoConfig": "configuration_xverse.XverseConfig"}},
+     ["modeling_xverse_moe.py"], True, False)])
+def test_gptq_how_to_run_matches_what_was_tested(tmp_path, config, files, remote, untested_line):
+    from xvq.release.card import gptq_how_to_run
+    folder = tmp_path / "X-GPTQ-Int4"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    for f in files:
+        (folder / f).write_text("")
+    text = gptq_how_to_run(folder)
+    assert ('from_pretrained("X-GPTQ-Int4", device_map="auto", trust_remote_code=True)' in text) == remote
+    assert ("vLLM and SGLang" in text and "not tested" in text) == untested_line
+    assert "vllm serve" not in text

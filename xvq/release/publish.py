@@ -28,7 +28,7 @@ def write_hub_files(folder: Path) -> None:
 
 def upload_commands(folder: Path, org: str = ORG) -> list[str]:
     repo, path = f"{org}/{folder.name}", shlex.quote(str(folder))
-    return [f"hf upload {repo} {path} . --repo-type model",
+    return [f"hf upload {repo} {path} .",
             f"modelscope upload {repo} {path}"]
 
 
