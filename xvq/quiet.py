@@ -144,10 +144,6 @@ class Steps:
                 self.out.close()
             self.capture = None
 
-    def log(self, *args) -> None:
-        """xvq's own progress lines: into the current log when quiet."""
-        print(*args, file=sys.stdout)
-
     def run(self, name: str, inputs: dict, outputs: list[Path], fn: Callable):
         if self.verbose:
             return self.stamps.run(name, inputs, outputs, fn)

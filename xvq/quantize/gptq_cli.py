@@ -62,7 +62,7 @@ def gptq_cmd(model_dir, outdir, name, out_root, bits, group_size, desc_act, stat
       dense XVERSE (saved as LlamaForCausalLM), LLaMA, Ziya: transformers'
         AutoModelForCausalLM with GPTQModel installed, no remote code;
       XVERSE-MoE: the same with trust_remote_code=True (the folder carries its
-        modeling file for transformers 5); GPTQModel through xvq's definition.
+        modeling file for transformers 5).
     """
     from xvq.quantize.gptq import GptqSettings, quantize_gptq
     from xvq.quiet import Always, Steps, set_verbosity
