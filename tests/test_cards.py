@@ -48,9 +48,9 @@ def test_summary_table_rows_from_report(tmp_path):
     (tmp_path / "X-GGUF").mkdir()
     (tmp_path / "X-GGUF" / "README.md").write_text("---\n")
     lines = summary_lines(report, tmp_path, tmp_path / "report.md")
-    assert lines[0].split() == ["artifact", "type", "size", "bits/w", "mean", "KLD", "PPL", "ratio", "gate"]
-    assert lines[2].split() == ["x-q4_k_m.gguf", "Q4_K_M", "4.2", "MB", "4.91", "0.01235", "1.0312", "pass"]
-    assert lines[3].split() == ["X-GPTQ-Int4", "GPTQ-Int4", "5.1", "MB", "n/a", "0.50000", "1.5000", "FAIL"]
+    assert lines[-4].split() == ["artifact", "type", "size", "bits/w", "mean", "KLD", "PPL", "ratio", "gate"]
+    assert lines[-2].split() == ["x-q4_k_m.gguf", "Q4_K_M", "4.2", "MB", "4.91", "0.01235", "1.0312", "pass"]
+    assert lines[-1].split() == ["X-GPTQ-Int4", "GPTQ-Int4", "5.1", "MB", "n/a", "0.50000", "1.5000", "FAIL"]
     assert f"release folder: {tmp_path}" in lines
     assert sum("upload" in line for line in lines) == 2 + 1   # two commands for the one folder, and the heading
 

@@ -246,6 +246,12 @@ def test_llama_spm_int8_cli_layout(tmp_path, spm_tokenizer_dir, monkeypatch):
     r = kl_and_ppl(ref, log_probs(loaded_gptq_model(out), batches), batches)
     print(f"8-bit: KL {r['kl']:.2e} ppl ratio {r['ppl_ratio']:.5f}")
     assert abs(r["ppl_ratio"] - 1) <= 0.005
+    # and as a user without xvq loads it: plain transformers in a fresh process
+    from tests.without_xvq import logits_without_xvq
+    logits, cls = logits_without_xvq(out, batches[:2], tmp_path / "fresh")
+    assert cls == "transformers.models.llama.modeling_llama.LlamaForCausalLM"
+    fresh = kl_and_ppl(ref[:2], torch.log_softmax(logits, -1), batches[:2])
+    assert abs(fresh["ppl_ratio"] - 1) <= 0.005 and fresh["kl"] <= 2 * r["kl"] + 1e-5
 
 
 # ---------------------------------------------------------------- bad input

@@ -111,6 +111,7 @@ def test_summary_table_and_upload_commands(built):
         assert float(row[-2]) == pytest.approx(a["ppl_ratio"], abs=5e-5)
         assert row[-1] == ("pass" if a["passed"] else "FAIL")
     assert f"release folder: {package_dir(root)}" in output and "report.md" in output
+    assert lines[-1].startswith(Path(report["artifacts"][-1]["path"]).name)   # it ends with the table
     # quiet: no library output (GPTQModel's INFO tables, torch warnings), each bar's refreshes on one line
     assert len(output.split("\n")) <= 80 and "INFO" not in output and "torch" not in output, output
     for folder in ("XVERSE-Demo-GGUF", "XVERSE-Demo-GPTQ-Int4"):

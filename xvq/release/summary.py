@@ -1,5 +1,5 @@
-"""The table `xvq release` ends with: what was made and how good it is, from report.json, then
-where everything is and how to publish it."""
+"""How `xvq release` ends: where everything is, how to publish it, and a table of what was made
+and how good it is (from report.json)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,8 +33,8 @@ def table(rows: list[tuple[str, ...]]) -> list[str]:
 
 
 def summary_lines(report: dict, package: Path, report_md: Path, logs: Path | None = None) -> list[str]:
-    out = table(artifact_rows(report))
-    out += ["", f"release folder: {package}", f"report:         {report_md}"]
+    """Where things are and how to publish them, then the quality table last, where the eye lands."""
+    out = [f"release folder: {package}", f"report:         {report_md}"]
     if logs is not None:
         out += [f"logs:           {logs}  (--verbose prints them instead)"]
     folders = publish.release_folders(package) if Path(package).is_dir() else []
@@ -42,4 +42,4 @@ def summary_lines(report: dict, package: Path, report_md: Path, logs: Path | Non
         out += ["", f"to publish (xvq uploads nothing; replace {publish.ORG} with your Hugging Face / ModelScope account):"]
         for f in folders:
             out += [f"  {cmd}" for cmd in publish.upload_commands(f)]
-    return out
+    return out + [""] + table(artifact_rows(report))
