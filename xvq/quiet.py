@@ -60,6 +60,13 @@ def _fd(stream) -> int | None:
         return None
 
 
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 def _valid(fd: int) -> bool:
     try:
         os.fstat(fd)
@@ -185,8 +192,10 @@ class _Bar:
         self.bar = tqdm(total=1, desc=f"{name:<14}", file=out, leave=True, disable=False,
                         bar_format="{desc} |{bar:20}| {elapsed}{postfix}")
         self.stop = threading.Event()
+        # a live clock on a terminal; in a log file (CI) each refresh would only add text
         self.thread = threading.Thread(target=self._tick, daemon=True)
-        self.thread.start()
+        if _isatty(out):
+            self.thread.start()
 
     def _tick(self) -> None:
         while not self.stop.wait(1.0):
@@ -194,7 +203,8 @@ class _Bar:
 
     def close(self, status: str) -> None:
         self.stop.set()
-        self.thread.join()
+        if self.thread.is_alive():
+            self.thread.join()
         if status != "failed":
             self.bar.update(1)
         self.bar.set_postfix_str(status, refresh=False)
