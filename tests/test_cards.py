@@ -95,3 +95,12 @@ def test_gptq_how_to_run_matches_what_was_tested(tmp_path, config, files, remote
     assert ('from_pretrained("X-GPTQ-Int4", device_map="auto", trust_remote_code=True)' in text) == remote
     assert ("vLLM and SGLang" in text and "not tested" in text) == untested_line
     assert "vllm serve" not in text
+
+
+def test_verbose_steps_show_everything(tmp_path, capfd):
+    from xvq.quiet import Always, Steps
+    with Steps(Always(), tmp_path / "logs", verbose=True) as steps:
+        steps.run("convert", {}, [], lambda: (print("library says hi"), os.write(2, b"C says hi\n")))
+    out, err = capfd.readouterr()
+    assert "library says hi" in out and "C says hi" in err
+    assert not (tmp_path / "logs").exists()
