@@ -47,8 +47,9 @@ def _check_size(ctx, param, value: str) -> str:
 @click.option("--moe-min-tokens", type=int, default=None,
               help="MoE: experts routed fewer calibration tokens are calibrated on every token (default: the hidden size).")
 @click.option("--keep-architecture", is_flag=True,
-              help="Dense XVERSE: keep XVERSE's own config (XverseForCausalLM, auto_map to its remote code) "
-                   "instead of LlamaForCausalLM; then only xvq (`import xvq`) or XVERSE's code loads it.")
+              help="Keep the source's config (XVERSE: XverseForCausalLM, auto_map to XVERSE's remote code) "
+                   "instead of LlamaForCausalLM (dense) or xvq's shipped modeling file (MoE); then only xvq "
+                   "(`import xvq`) or XVERSE's code loads it.")
 @click.option("--verbose", "-v", is_flag=True, help="Show GPTQModel's and transformers' output (default: a log file "
                                                     "beside the output folder).")
 def gptq_cmd(model_dir, outdir, name, out_root, bits, group_size, desc_act, static_groups, sym, true_sequential,
