@@ -8,7 +8,7 @@ from pathlib import Path
 
 XVQ = Path(__file__).resolve().parents[1] / "xvq"
 STAGES = ("convert", "quantize", "calib_data", "validate", "release")
-FOUNDATION = ("xvq.llamacpp", "xvq.models", "xvq.checkpoint", "xvq.layout", "xvq.errors", "xvq.fsio")
+FOUNDATION = ("xvq.llamacpp", "xvq.models", "xvq.checkpoint", "xvq.layout", "xvq.errors", "xvq.fsio", "xvq.quiet")
 
 
 def imports(path: Path) -> list[tuple[str, list[str], int]]:

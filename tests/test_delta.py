@@ -14,11 +14,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from tests.conftest import FALLBACK_TEXT, SHARED
+from tests.conftest import FALLBACK_TEXT, shared
 from xvq.errors import XvqError
 
 N_USER_PIECES = 60   # Chinese characters added to the trained vocabulary (Ziya: 7,000+)
 N_PAD_ROWS = 6       # config rows past the pieces (Ziya: 39,424 - 39,410 = 14)
+NOVEL = ("corpus", "zh_classical", "西游记.txt")   # enough Chinese text to extend a vocabulary with
 ZH_TEXTS = ["西游记是中国古典四大名著之一，讲述了唐僧师徒四人西天取经的故事。孙悟空神通广大，七十二变。",
             "话说天下大势，分久必合，合久必分。宝玉听了，忙问：“林妹妹在哪里？”",
             "我们今天去北京大学看看，然后吃饭。Hello 世界 2024年！"]
@@ -29,8 +30,8 @@ ZH_TEXTS = ["西游记是中国古典四大名著之一，讲述了唐僧师徒�
 def chinese_text() -> list[str]:
     """Chinese lines to train and extend on: the shared classical novels when present."""
     lines = [t for t in FALLBACK_TEXT[:6] if re.search(r"[\u4e00-\u9fff]", t)]
-    novel = SHARED / "corpus" / "zh_classical" / "西游记.txt"
-    if novel.is_file():
+    novel = shared(*NOVEL, optional=True)
+    if novel is not None:
         lines += [ln for ln in novel.read_text(encoding="utf-8")[:60_000].splitlines() if ln.strip()]
     return lines
 
@@ -314,6 +315,7 @@ def llm(ziya_gguf):
 
 
 def test_converted_merge_logits_match_transformers(ziya, llm):
+    shared(*NOVEL)   # the fallback text's few Chinese characters are all in the base vocabulary
     import sentencepiece as spm
     from transformers import AutoModelForCausalLM
     sp = spm.SentencePieceProcessor(model_file=str(ziya["spm"]))
@@ -356,6 +358,7 @@ def test_converted_merge_vocab_and_chat_template(ziya, ziya_gguf, llm):
 
 
 def test_converted_merge_tokenizes_chinese_like_sentencepiece(ziya, llm):
+    shared(*NOVEL)   # without the novel no extended piece would be exercised
     import sentencepiece as spm
     sp = spm.SentencePieceProcessor(model_file=str(ziya["spm"]))
     texts = ZH_TEXTS + chinese_text()[-40:]

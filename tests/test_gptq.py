@@ -3,7 +3,8 @@
   the same grid (GPTQ must be <= 0.8x RTN's), perplexity ratio (4-bit <= 1.05, 8-bit <= 1.005);
 - format: a hand-written GPTQ v1 dequantizer reads the safetensors and its model agrees with what
   transformers + GPTQModel's CPU kernel compute from the folder; config/tokenizer as shipped;
-- loading: AutoModelForCausalLM after `import xvq`, and LlamaForCausalLM;
+- loading: AutoModelForCausalLM after `import xvq`, LlamaForCausalLM, and plain transformers in a
+  fresh process without xvq (dense XVERSE is saved as LlamaForCausalLM);
 - bad input: clear one-line errors, no output folder left behind.
 """
 from __future__ import annotations
@@ -89,7 +90,7 @@ def test_xverse_int4_loads_and_matches_dequantized(xverse_src, xverse_int4, held
     from transformers import LlamaForCausalLM
     batch = heldout[:4]
     auto = loaded_gptq_model(xverse_int4)
-    assert type(auto).__name__ == "XverseForCausalLM"
+    assert type(auto).__name__ == "LlamaForCausalLM"   # saved as LLaMA: no XVERSE class needed
     assert "TorchAten" in type(auto.get_submodule("model.layers.0.mlp.down_proj")).__name__
     lp_auto = log_probs(auto, batch)
     lp_llama = log_probs(LlamaForCausalLM.from_pretrained(xverse_int4, device_map="cpu").eval(), batch)
@@ -98,23 +99,47 @@ def test_xverse_int4_loads_and_matches_dequantized(xverse_src, xverse_int4, held
     assert kl_and_ppl(lp_deq, lp_auto, batch)["kl"] < 1e-4   # fp16 kernel arithmetic only
 
 
+def test_xverse_int4_loads_in_a_fresh_process_without_xvq(xverse_src, xverse_int4, heldout, tmp_path):
+    """Plain transformers (+ GPTQModel's kernel), no xvq importable, no remote code: the logits are
+    those of the file's weights (hand-written dequantizer, f32) up to fp16 kernel arithmetic, and
+    as close to the bf16 source as GPTQ's own error."""
+    from tests.without_xvq import logits_without_xvq
+    batch = heldout[:4]
+    logits, cls = logits_without_xvq(xverse_int4, batch, tmp_path)
+    assert cls == "transformers.models.llama.modeling_llama.LlamaForCausalLM"
+    src = source_model(xverse_src)
+    with torch.no_grad():
+        src_logits = torch.cat([src(b[None]).logits.float() for b in batch])
+    lp = torch.log_softmax(logits, -1)
+    ref, deq = torch.log_softmax(src_logits, -1), log_probs(dequantized_gptq_model(xverse_src, xverse_int4, 4), batch)
+    vs_deq, vs_src, deq_src = kl_and_ppl(deq, lp, batch), kl_and_ppl(ref, lp, batch), kl_and_ppl(ref, deq, batch)
+    rel = float((logits - src_logits).abs().max() / (src_logits.max() - src_logits.min()))
+    print(f"fresh-process LlamaForCausalLM vs bf16 source: max |logit diff| {float((logits - src_logits).abs().max()):.4f} "
+          f"({rel:.4f} of the range), KLD {vs_src['kl']:.5f}, ppl ratio {vs_src['ppl_ratio']:.4f}, "
+          f"top-1 {vs_src['top1']:.3f}; vs dequantized weights KLD {vs_deq['kl']:.2e}")
+    assert vs_deq["kl"] < 1e-4
+    assert vs_src["kl"] <= 1.1 * deq_src["kl"] + 1e-4 and vs_src["ppl_ratio"] <= 1.05
+
+
 def test_xverse_int4_folder(xverse_src, xverse_int4):
     src_cfg = json.loads((xverse_src / "config.json").read_text())
     cfg = json.loads((xverse_int4 / "config.json").read_text())
-    assert cfg["architectures"] == ["XverseForCausalLM"] and cfg["model_type"] == "xverse"
-    assert cfg["auto_map"] == src_cfg["auto_map"]
-    assert {k: v for k, v in cfg.items() if k not in ("quantization_config", "torch_dtype")} == \
-        {k: v for k, v in src_cfg.items() if k != "torch_dtype"}
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["model_type"] == "llama" and "auto_map" not in cfg
+    renamed = ("quantization_config", "torch_dtype", "architectures", "model_type", "auto_map", "rms_norm_eps")
+    assert {k: v for k, v in cfg.items() if k not in renamed} == {k: v for k, v in src_cfg.items() if k not in renamed}
+    assert cfg["rms_norm_eps"] == src_cfg.get("rms_norm_eps", 1e-6)
     assert cfg["torch_dtype"] == "float16"
     q = cfg["quantization_config"]
+    assert q["xvq_source_model"]["architectures"] == ["XverseForCausalLM"] and q["xvq_source_model"]["model_type"] == "xverse"
     assert (q["quant_method"], q["bits"], q["group_size"], q["desc_act"], q["sym"]) == ("gptq", 4, 128, True, True)
     assert q["checkpoint_format"] == "gptq" and q["meta"]["static_groups"] and q["meta"]["true_sequential"]
     assert (q["damp_percent"], q["static_groups"], q["true_sequential"]) == (0.01, True, True)   # AutoGPTQ's keys
     assert q == json.loads((xverse_int4 / "quantize_config.json").read_text())
     assert "xvq:" in str(q["meta"]["quantizer"]) and "dataset" not in q
     assert not (xverse_int4 / "generation_config.json").exists()   # the source has none
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "modeling_xverse.py"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         assert (xverse_int4 / name).read_bytes() == (xverse_src / name).read_bytes(), name
+    assert not (xverse_int4 / "modeling_xverse.py").exists()   # config.json no longer names XVERSE's code
     shards = sorted(xverse_int4.glob("*.safetensors"))
     index = json.loads((xverse_int4 / "model.safetensors.index.json").read_text())
     assert len(shards) > 1 and set(index["weight_map"].values()) == {s.name for s in shards}
@@ -139,6 +164,43 @@ def test_xverse_int4_deterministic(xverse_src, xverse_int4, tmp_path):
     assert shards == sorted(p.name for p in again.glob("*.safetensors"))
     for name in shards + ["config.json", "quantize_config.json", "model.safetensors.index.json"]:
         assert (again / name).read_bytes() == (xverse_int4 / name).read_bytes(), name
+
+
+def test_keep_architecture_keeps_xverse_config(xverse_src, xverse_int4, tmp_path):
+    """--keep-architecture: XVERSE's own config (architectures, auto_map) and remote code, as
+    before; the default's LLaMA form differs from it in those keys only."""
+    import shutil
+
+    from xvq.models import family_for
+    from xvq.quantize.gptq import GptqSettings, carry_source_files, loads_as, write_configs
+    fam = family_for(json.loads((xverse_src / "config.json").read_text()))
+    assert loads_as(fam, GptqSettings()) == "llama" and loads_as(fam, GptqSettings(keep_architecture=True)) is None
+    out = tmp_path / "kept"
+    out.mkdir()
+    quant = {k: v for k, v in json.loads((xverse_int4 / "quantize_config.json").read_text()).items()
+             if k != "xvq_source_model"}
+    (out / "quantize_config.json").write_text(json.dumps(quant))
+    write_configs(out, xverse_src, [], "float16", loads_as(fam, GptqSettings(keep_architecture=True)))
+    carry_source_files(out, xverse_src, None)
+    src_cfg = json.loads((xverse_src / "config.json").read_text())
+    cfg = json.loads((out / "config.json").read_text())
+    assert {k: v for k, v in cfg.items() if k not in ("quantization_config", "torch_dtype")} == \
+        {k: v for k, v in src_cfg.items() if k != "torch_dtype"}
+    assert "xvq_source_model" not in cfg["quantization_config"]
+    assert (out / "modeling_xverse.py").read_bytes() == (xverse_src / "modeling_xverse.py").read_bytes()
+    shutil.rmtree(out)
+
+
+def test_gptq_help_names_what_loads_the_output():
+    from click.testing import CliRunner
+
+    from xvq.cli import main
+    res = CliRunner().invoke(main, ["quantize", "gptq", "--help"])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 0
+    for phrase in ("--keep-architecture", "LlamaForCausalLM", "trust_remote_code=True", "without xvq"):
+        assert phrase in text, phrase
+    assert "vLLM" not in text   # not tested, so not claimed
 
 
 # ---------------------------------------------------------------- LLaMA 8-bit through the CLI
@@ -180,6 +242,12 @@ def test_llama_spm_int8_cli_layout(tmp_path, spm_tokenizer_dir, monkeypatch):
     r = kl_and_ppl(ref, log_probs(loaded_gptq_model(out), batches), batches)
     print(f"8-bit: KL {r['kl']:.2e} ppl ratio {r['ppl_ratio']:.5f}")
     assert abs(r["ppl_ratio"] - 1) <= 0.005
+    # and as a user without xvq loads it: plain transformers in a fresh process
+    from tests.without_xvq import logits_without_xvq
+    logits, cls = logits_without_xvq(out, batches[:2], tmp_path / "fresh")
+    assert cls == "transformers.models.llama.modeling_llama.LlamaForCausalLM"
+    fresh = kl_and_ppl(ref[:2], torch.log_softmax(logits, -1), batches[:2])
+    assert abs(fresh["ppl_ratio"] - 1) <= 0.005 and fresh["kl"] <= 2 * r["kl"] + 1e-5
 
 
 # ---------------------------------------------------------------- bad input

@@ -75,7 +75,7 @@ def test_registration_when_xvq_is_imported_before_transformers(xverse_with_auto_
             "print(type(c).__module__, type(c).__name__, c.num_attention_heads)")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert p.stdout.split() == ["xvq.models.hf", "XverseConfig", "4"]
+    assert p.stdout.split() == ["xvq.models.configuration_xverse", "XverseConfig", "4"]   # registered by xvq.models.hf
 
 
 # --- the shipped configs through the family registry -------------------------------------------

@@ -224,7 +224,7 @@ def rtn(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     return (scale * (q - zero)).reshape_as(w)
 
 
-def test_gptq_beats_round_to_nearest_and_runs_in_transformers(gptq_out, tiny_moe, reference):
+def test_gptq_beats_round_to_nearest_and_runs_in_transformers(gptq_out, tiny_moe, reference, tmp_path):
     """KLD to the f32 reference on held-out text: GPTQ's weights (dequantized from its files)
     below RTN's at the same bits/group; the folder loads and runs in transformers."""
     import copy
@@ -260,14 +260,52 @@ def test_gptq_beats_round_to_nearest_and_runs_in_transformers(gptq_out, tiny_moe
     print(f"KLD transformers-loaded (fp16) vs dequantized GPTQ {kl_loaded:.2e}")
     assert kl_loaded < 0.1 * res["gptq"]["kl"]
     # GPTQModel itself loads it through the family's definition (its own XVERSE one needs
-    # transformers <= 4.38)
+    # transformers <= 4.38), from a view without auto_map: GPTQModel 7.6's remote-code config
+    # compatibility pass (utils/hf.py normalize_hf_config_compat) resets rope_theta to 10000 when
+    # config.json has an auto_map (measured here: log-probs off by 1.3)
     from xvq.models import family_for
     from xvq.quantize.gptq import qmodel_class
-    fam = family_for(json.loads((out / "config.json").read_text()))
-    qm = qmodel_class(fam).from_quantized(str(out), device="cpu")
+    view = tmp_path / "no-auto-map"
+    shutil.copytree(out, view)
+    cfg = json.loads((view / "config.json").read_text())
+    cfg.pop("auto_map")
+    (view / "config.json").write_text(json.dumps(cfg))
+    fam = family_for(cfg)
+    qm = qmodel_class(fam).from_quantized(str(view), device="cpu")
     with torch.no_grad():
         lp_qm = torch.log_softmax(qm.model(batches[:1]).logits.float(), -1)
     assert kl_and_ppl(lp["gptq"][:1], lp_qm, batches[:1])["kl"] < 0.1 * res["gptq"]["kl"]
+
+
+def test_gptq_folder_loads_with_its_own_code_without_xvq(gptq_out, tiny_moe, reference, tmp_path):
+    """The folder ships xvq's transformers-5 modeling file (auto_map): trust_remote_code=True loads
+    it in a fresh process where xvq cannot be imported, and it computes what the file's weights
+    (hand-written dequantizer, f32 reference model) compute, up to fp16 kernel arithmetic."""
+    import copy
+
+    from tests.without_xvq import logits_without_xvq
+    from xvq.quantize.gptq import REMOTE_AUTO_MAP
+    out, _ = gptq_out
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["auto_map"] == REMOTE_AUTO_MAP
+    assert {"configuration_xverse.py", "modeling_xverse_moe.py"} <= {p.name for p in out.glob("*.py")}
+    batches = eval_batches(tiny_moe, corpus_texts(heldout=True), seq_len=128, n_seqs=2)
+    logits, cls = logits_without_xvq(out, batches, tmp_path, remote_code=True)
+    assert cls.startswith("transformers_modules.") and cls.endswith(".modeling_xverse_moe.XverseMoeForCausalLM")
+    tensors = load_safetensors_folder(out)
+    deq = copy.deepcopy(reference)
+    with torch.no_grad():
+        for n, m in reference.named_modules():
+            if isinstance(m, torch.nn.Linear) and f"{n}.qweight" in tensors:
+                deq.get_submodule(n).weight.copy_(gptq_v1_dequant(tensors, n, BITS))
+        lp = {k: torch.cat([torch.log_softmax(m(b[None]).logits.float(), -1) for b in batches])
+              for k, m in (("ref", reference), ("deq", deq))}
+    fresh = torch.log_softmax(logits, -1)
+    vs_deq, vs_ref, deq_ref = (kl_and_ppl(lp["deq"], fresh, batches), kl_and_ppl(lp["ref"], fresh, batches),
+                               kl_and_ppl(lp["ref"], lp["deq"], batches))
+    print(f"\nremote-code MoE GPTQ in a fresh process: KLD vs dequantized {vs_deq['kl']:.2e}, vs source "
+          f"{vs_ref['kl']:.5f} (dequantized vs source {deq_ref['kl']:.5f}), ppl ratio {vs_ref['ppl_ratio']:.4f}")
+    assert vs_deq["kl"] < 0.1 * deq_ref["kl"]
 
 
 def test_validate_scores_gguf_and_gptq(tiny_moe, gptq_out, tmp_path):

@@ -63,16 +63,65 @@ def test_package_has_every_file(built):
     assert manifest["imatrix"]["entries"] > 0
 
 
+def front_matter(card: str) -> dict:
+    """The card's front matter, its `key: value` lines (lists left out)."""
+    assert card.startswith("---\n")
+    head = card.split("---")[1]
+    return dict(line.split(": ", 1) for line in head.splitlines() if ": " in line and not line.startswith("-"))
+
+
 def test_card_metadata_and_instructions(built):
     card = (package_dir(built[0]) / "XVERSE-Demo-GGUF" / "README.md").read_text()
-    front = card.split("---")[1]
-    assert "base_model_relation: quantized" in front and "license: apache-2.0" in front
+    front = front_matter(card)
+    assert front["base_model_relation"] == "quantized"
+    # a model licence that is not SPDX: `other` + its id + its link (the hubs' convention)
+    assert (front["license"], front["license_name"]) == ("other", "xverse-model-license-agreement")
+    assert front["license_link"].startswith("https://")
     assert "XVERSE Model License Agreement" in card
-    for how in ("llama-cli", "LM Studio", "ollama create", "xvq run"):
-        assert how in card
+    for how in ("llama-cli -m xverse-demo-q4_k_m.gguf", "ollama create xverse-demo -f Modelfile", "xvq run"):
+        assert how in card, how
+    sizes = re.findall(r"\| \[xverse-demo-[^|]+\| ([^|]+) \|", card)
+    assert sizes and all(re.fullmatch(r"\d+\.\d (KB|MB)", s.strip()) for s in sizes), sizes   # not "0.00 GB"
     modelfile = (package_dir(built[0]) / "XVERSE-Demo-GGUF" / "Modelfile").read_text()
     assert 'PARAMETER stop "<|endoftext|>"' in modelfile and "Human: {{ .Prompt }}" in modelfile
-    assert "vllm serve" in (package_dir(built[0]) / "XVERSE-Demo-GPTQ-Int4" / "README.md").read_text()
+    gptq = (package_dir(built[0]) / "XVERSE-Demo-GPTQ-Int4" / "README.md").read_text()
+    assert 'from_pretrained("XVERSE-Demo-GPTQ-Int4", device_map="auto")' in gptq and "trust_remote_code" not in gptq
+    assert "vLLM and SGLang" in gptq and "not tested" in gptq and "vllm serve" not in gptq
+    assert front_matter(gptq)["license"] == "other"
+
+
+def test_each_folder_has_what_both_hubs_read(built):
+    """Hugging Face reads README.md's front matter; ModelScope also needs configuration.json."""
+    for folder in ("XVERSE-Demo-GGUF", "XVERSE-Demo-GPTQ-Int4"):
+        d = package_dir(built[0]) / folder
+        assert front_matter((d / "README.md").read_text())["pipeline_tag"] == "text-generation"
+        cfg = json.loads((d / "configuration.json").read_text())
+        assert cfg == {"framework": "pytorch", "task": "text-generation"}, folder
+
+
+def test_summary_table_and_upload_commands(built):
+    """The run ends with one row per artifact (values as in report.json), where things are, and
+    the upload commands per folder (it uploads nothing)."""
+    root, output = built
+    report = json.loads((root / "XVERSE-Demo" / "validate" / "report.json").read_text())
+    lines = output.splitlines()
+    for a in report["artifacts"]:
+        row = next(line.split() for line in lines if line.startswith(Path(a["path"]).name + " "))
+        assert float(row[-3]) == pytest.approx(a["kld_mean"], abs=5e-6)
+        assert float(row[-2]) == pytest.approx(a["ppl_ratio"], abs=5e-5)
+        assert row[-1] == ("pass" if a["passed"] else "FAIL")
+    assert f"release folder: {package_dir(root)}" in output and "report.md" in output
+    assert lines[-1].startswith(Path(report["artifacts"][-1]["path"]).name)   # it ends with the table
+    # quiet: no library output (GPTQModel's INFO tables, torch warnings), each bar's refreshes on one line
+    assert len(output.split("\n")) <= 80 and "INFO" not in output and "torch" not in output, output
+    for folder in ("XVERSE-Demo-GGUF", "XVERSE-Demo-GPTQ-Int4"):
+        assert f"hf upload <your-org>/{folder} {package_dir(root) / folder} ." in output
+        assert f"modelscope upload <your-org>/{folder} {package_dir(root) / folder}" in output
+
+
+def test_report_plot_names_the_model(built):
+    report = json.loads((built[0] / "XVERSE-Demo" / "validate" / "report.json").read_text())
+    assert report["reference"]["name"] == "XVERSE-Demo"   # the plot's title reads it (not "model")
 
 
 def test_card_table_equals_report_json(built):

@@ -118,6 +118,10 @@ class Family:
     stop_strings: ClassVar[tuple[str, ...]] = ()
     gptq_base: ClassVar[str] = "llama"              # GPTQModel definition to quantize through
     gptq_module_tree: ClassVar[list | None] = None  # its module_tree, when the family's differs
+    # How a GPTQ folder declares itself so that plain transformers loads it: None keeps the
+    # source's config; "llama" rewrites it as LlamaForCausalLM (the weights are LLaMA's as they
+    # are); "remote-code" ships xvq's modeling file for transformers 5 and points auto_map at it.
+    gptq_loads_as: ClassVar[str | None] = None
     gptq_definition_attrs: ClassVar[dict] = {}      # further class attributes of that definition
     rope_permute_qk: ClassVar[bool] = True          # HF rotate-half -> llama.cpp NORM rope
 

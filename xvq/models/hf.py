@@ -3,18 +3,9 @@ classes. Dense XVERSE is LLaMA-identical, so it runs on transformers' Llama impl
 configs with `num_experts` dispatch to the MoE implementation (xvq.models.xverse_moe_hf)."""
 from __future__ import annotations
 
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
-
-class XverseConfig(LlamaConfig):
-    model_type = "xverse"
-
-    def __init__(self, num_experts: int = 0, num_shared_experts: int = 0, moe_top_k: int = 0, **kwargs):
-        self.num_experts = num_experts
-        self.num_shared_experts = num_shared_experts
-        self.moe_top_k = moe_top_k
-        kwargs.setdefault("rms_norm_eps", 1e-6)
-        super().__init__(**kwargs)
+from xvq.models.configuration_xverse import XverseConfig
 
 
 class XverseForCausalLM(LlamaForCausalLM):

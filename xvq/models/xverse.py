@@ -25,6 +25,9 @@ class Xverse(Family):
     ollama_template = ('{{ if .System }}{{ .System }}\n\n{{ end }}Human: {{ .Prompt }}\n\n'
                        'Assistant: {{ .Response }}<|endoftext|>')
     stop_strings = ("<|endoftext|>", "Human:")
+    # transformers 5 has no XVERSE class and XVERSE's remote code targets 4.38; vLLM dropped its
+    # XVERSE model. The same weights load everywhere as LlamaForCausalLM.
+    gptq_loads_as = "llama"
 
     @classmethod
     def accepts(cls, config: dict) -> bool:

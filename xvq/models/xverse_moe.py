@@ -44,6 +44,7 @@ class XverseMoe(Xverse):
     # experts; routed and shared stay separate groups as in GPTQModel's DeepSeek-V2 definition
     # (a mixed group would list the shared projections once per expert).
     gptq_base = "qwen2_moe"
+    gptq_loads_as = "remote-code"   # no LLaMA-shaped stand-in: the folder carries its own modeling file
     gptq_module_tree: ClassVar[list] = [
         "model", "layers", "#",
         {

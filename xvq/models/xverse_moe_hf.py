@@ -12,6 +12,9 @@ Checkpoint names (what save_pretrained writes and from_pretrained reads):
     model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight
     model.layers.N.mlp.shared_experts.{gate,up,down}_proj.weight
 Each expert is a plain nn.Linear triple so per-module tools (GPTQ, imatrix hooks) see them.
+
+MoE GPTQ folders ship this file as `modeling_xverse_moe.py` beside `configuration_xverse.py`
+(auto_map, trust_remote_code): keep its imports to torch, transformers and that relative one.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from transformers.models.llama.modeling_llama import (
     LlamaDecoderLayer, LlamaForCausalLM, LlamaModel, LlamaPreTrainedModel, LlamaRMSNorm, LlamaRotaryEmbedding,
 )
 
-from xvq.models.hf import XverseConfig
+from .configuration_xverse import XverseConfig
 
 
 class XverseMoeMLP(nn.Module):

@@ -5,12 +5,19 @@
       -> GPTQModel, through the GPTQ definition the family declares (`Family.gptq_base`,
          optionally its own `gptq_module_tree`), one decoder layer in memory at a time
       -> <Name>-GPTQ-Int<bits>/: sharded safetensors, quantize_config.json (format gptq, v1),
-         the ORIGINAL config.json (architectures, model_type, auto_map) + quantization_config,
-         the original tokenizer and remote-code files; no local paths.
+         config.json + quantization_config, the original tokenizer; no local paths.
 
-Dense XVERSE is LLaMA-identical, and GPTQModel's own XVERSE definition pins transformers <= 4.38,
-so XVERSE quantizes through the LLaMA definition and leaves with its own config again: XVERSE's
-loader, vLLM's XVERSE model and xvq's registry all read the result unchanged.
+How the folder declares itself (`Family.gptq_loads_as`, overridden by keep_architecture):
+- LLaMA, Ziya: the source's config as it is.
+- dense XVERSE ("llama"): LlamaForCausalLM / model_type llama, no auto_map. XVERSE is
+  LLaMA-identical, transformers 5 has no XVERSE class, XVERSE's remote code targets transformers
+  4.38 and vLLM dropped its XVERSE model, so only this form loads in plain transformers (tested
+  in a fresh process). quantize_config.json records the source's architecture.
+- XVERSE-MoE ("remote-code"): the source's config with auto_map pointing at xvq's own modeling
+  file for transformers 5 (xverse_moe_hf.py + configuration_xverse.py, shipped in the folder),
+  so trust_remote_code=True loads it without xvq installed.
+GPTQModel's own XVERSE definition pins transformers <= 4.38, so XVERSE quantizes through the
+LLaMA definition either way.
 """
 from __future__ import annotations
 
@@ -74,6 +81,9 @@ class GptqSettings:
     # MoE: an expert routed fewer calibration tokens than this also sees every token (gptq_moe);
     # None: the hidden size (fewer tokens leave its Hessian rank-deficient)
     moe_min_tokens: int | None = None
+    # Keep the source's architectures/model_type/auto_map instead of the form plain transformers
+    # loads (Family.gptq_loads_as)
+    keep_architecture: bool = False
 
     def torch_calib_dtype(self):
         import torch
@@ -243,9 +253,39 @@ def scrub_paths(value, forbidden: Iterable[str]):
     return value
 
 
-def write_configs(out: Path, model_dir: Path, forbidden: list[str], dtype: str) -> dict:
-    """config.json = the source's own config (architectures, model_type, auto_map as shipped) plus
-    GPTQ's quantization_config; quantize_config.json scrubbed the same way."""
+# xvq's transformers-5 implementation of XVERSE-MoE, shipped as remote code: file in xvq/models -> name in the folder
+REMOTE_CODE = {"configuration_xverse.py": "configuration_xverse.py", "xverse_moe_hf.py": "modeling_xverse_moe.py"}
+REMOTE_AUTO_MAP = {"AutoConfig": "configuration_xverse.XverseConfig",
+                   "AutoModelForCausalLM": "modeling_xverse_moe.XverseMoeForCausalLM"}
+
+
+def loads_as(family: Family, settings: GptqSettings) -> str | None:
+    return None if settings.keep_architecture else family.gptq_loads_as
+
+
+def declared_config(config: dict, form: str | None) -> dict:
+    """The source's config in the form the output folder declares (see the module docstring)."""
+    if form == "llama":
+        config = {k: v for k, v in config.items() if k != "auto_map"}
+        config |= {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+        config.setdefault("rms_norm_eps", 1e-6)   # XVERSE's default; LLaMA's class would read its own
+    elif form == "remote-code":
+        config = config | {"auto_map": dict(REMOTE_AUTO_MAP)}
+    return config
+
+
+def source_note(config: dict, form: str | None) -> dict | None:
+    """What quantize_config.json says of a source whose architecture the folder does not keep."""
+    if form != "llama":
+        return None
+    return {"architectures": config.get("architectures"), "model_type": config.get("model_type"),
+            "saved_as": "LlamaForCausalLM: the same weights and computation; "
+                        "`xvq quantize gptq --keep-architecture` keeps the source's config"}
+
+
+def write_configs(out: Path, model_dir: Path, forbidden: list[str], dtype: str, form: str | None = None) -> dict:
+    """config.json = the source's config in the declared form (declared_config) plus GPTQ's
+    quantization_config; quantize_config.json scrubbed the same way."""
     qcfg_path = out / "quantize_config.json"
     quant = scrub_paths(json.loads(qcfg_path.read_text(encoding="utf-8")), forbidden)
     # AutoGPTQ-era readers (and XVERSE's published GPTQ folders) keep these at the top level;
@@ -253,8 +293,12 @@ def write_configs(out: Path, model_dir: Path, forbidden: list[str], dtype: str) 
     for key in ("damp_percent", "static_groups", "true_sequential"):
         if key in (quant.get("meta") or {}):
             quant.setdefault(key, quant["meta"][key])
+    source = read_config(model_dir)
+    note = source_note(source, form)
+    if note:
+        quant["xvq_source_model"] = note
     qcfg_path.write_text(json.dumps(quant, indent=2) + "\n", encoding="utf-8")
-    config = read_config(model_dir)
+    config = declared_config(source, form)
     config.pop("quantization_config", None)
     config |= {"torch_dtype": dtype, "quantization_config": quant}
     if "dtype" in config:   # transformers 5 writes `dtype`; both must agree
@@ -288,7 +332,9 @@ def cast_shards(out: Path, dtype: str) -> None:
         index.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
-def carry_source_files(out: Path, model_dir: Path) -> None:
+def carry_source_files(out: Path, model_dir: Path, form: str | None = None) -> None:
+    """Tokenizer and licence files; the source's remote code only where config.json still names
+    it (form None), xvq's own where it names that."""
     for name in RESAVED_TOKENIZER_FILES:
         (out / name).unlink(missing_ok=True)
     for name in CARRIED_FILES:
@@ -296,8 +342,12 @@ def carry_source_files(out: Path, model_dir: Path) -> None:
             shutil.copy2(model_dir / name, out / name)
     for pattern in CARRIED_GLOBS:
         for f in model_dir.glob(pattern):
-            if f.is_file():
+            if f.is_file() and not (form and f.suffix == ".py"):
                 shutil.copy2(f, out / f.name)
+    if form == "remote-code":
+        here = Path(__file__).resolve().parents[1] / "models"
+        for src, dst in REMOTE_CODE.items():
+            shutil.copy2(here / src, out / dst)
 
 
 def assert_no_local_paths(out: Path, forbidden: list[str]) -> None:
@@ -391,9 +441,10 @@ def quantize_gptq(model_dir: Path | str, outdir: Path | str, settings: GptqSetti
         forbidden = [str(work), str(work.resolve()), str(tmp), str(tmp.resolve()), str(model_dir.resolve()),
                      str(outdir.resolve().parent)]
         cast_shards(tmp, OUTPUT_DTYPE)
-        write_configs(tmp, model_dir, forbidden, OUTPUT_DTYPE)
+        form = loads_as(family, settings)
+        write_configs(tmp, model_dir, forbidden, OUTPUT_DTYPE, form)
         if experts is not None:
             gptq_moe.record_in_quantize_config(tmp, experts, quant_log)
-        carry_source_files(tmp, model_dir)
+        carry_source_files(tmp, model_dir, form)
         assert_no_local_paths(tmp, forbidden)
     return GptqResult(outdir, len(seqs), n_tokens, quant_log, damp_raised)

@@ -1,7 +1,6 @@
 """`xvq quantize gptq MODEL_DIR`: GPTQ through GPTQModel, XVERSE's published settings by default."""
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import click
@@ -39,20 +38,39 @@ def _check_size(ctx, param, value: str) -> int:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--moe-min-tokens", type=int, default=None,
               help="MoE: experts routed fewer calibration tokens are calibrated on every token (default: the hidden size).")
+@click.option("--keep-architecture", is_flag=True,
+              help="Keep the source's config (XVERSE: XverseForCausalLM, auto_map to XVERSE's remote code) "
+                   "instead of LlamaForCausalLM (dense) or xvq's shipped modeling file (MoE); then only xvq "
+                   "(`import xvq`) or XVERSE's code loads it.")
+@click.option("--verbose", "-v", is_flag=True, help="Show GPTQModel's and transformers' output (default: a log file "
+                                                    "beside the output folder).")
 def gptq_cmd(model_dir, outdir, name, out_root, bits, group_size, desc_act, static_groups, sym, true_sequential,
-             damp, calib_tokens, max_seq_len, seed, max_shard_size, device, moe_min_tokens):
-    """Quantize MODEL_DIR (XVERSE dense, LLaMA, Ziya, ...) to GPTQ, calibrated on xvq's multilingual
-    calibration set. Output: sharded safetensors + quantize_config.json, loadable by transformers
-    (after `import xvq` for XVERSE), GPTQModel, vLLM and XVERSE's own loader."""
+             damp, calib_tokens, max_seq_len, seed, max_shard_size, device, moe_min_tokens, keep_architecture,
+             verbose):
+    """Quantize MODEL_DIR (XVERSE dense, XVERSE-MoE, LLaMA, Ziya, ...) to GPTQ, calibrated on xvq's
+    multilingual calibration set. Output: sharded safetensors + quantize_config.json (GPTQ v1).
+
+    \b
+    What loads it (tested on CPU, in a fresh Python process without xvq):
+      dense XVERSE (saved as LlamaForCausalLM), LLaMA, Ziya: transformers'
+        AutoModelForCausalLM with GPTQModel installed, no remote code;
+      XVERSE-MoE: the same with trust_remote_code=True (the folder carries its
+        modeling file for transformers 5).
+    """
     from xvq.quantize.gptq import GptqSettings, quantize_gptq
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from xvq.quiet import Always, Steps, set_verbosity
+    set_verbosity(verbose)
     settings = GptqSettings(bits=int(bits), group_size=group_size, desc_act=desc_act, static_groups=static_groups,
                             sym=sym, true_sequential=true_sequential, damp=damp, calib_tokens=calib_tokens,
                             max_seq_len=max_seq_len, seed=seed, max_shard_size=max_shard_size, device=device,
-                            moe_min_tokens=moe_min_tokens)
+                            moe_min_tokens=moe_min_tokens, keep_architecture=keep_architecture)
     if outdir is None:
         outdir = Layout.for_model(model_dir, name, out_root).gptq(settings.bits)
-    result = quantize_gptq(model_dir, outdir, settings)
+    outdir = Path(outdir)
+    results = []
+    with Steps(Always(), outdir.parent, verbose, session=outdir.name) as steps:
+        steps.run(outdir.name, {}, [], lambda: results.append(quantize_gptq(model_dir, outdir, settings)))
+    result = results[0]
     for line in result.damp_raised:
         click.echo(f"damp raised: {line}")
     click.echo(f"wrote {result.outdir} ({result.n_sequences} calibration sequences, {result.n_tokens} tokens)")

@@ -31,26 +31,27 @@ def release_cmd():
 @click.option("--calib-tokens", type=int, default=None, help="Calibration budget for imatrix and GPTQ.")
 @click.option("--force", is_flag=True, help="Redo every step.")
 @click.option("--allow-partial", is_flag=True, help="Exit 0 even when the gate left artifacts out.")
+@click.option("--verbose", "-v", is_flag=True,
+              help="Show every library's output (GPTQModel, transformers, torch, llama.cpp) instead of one "
+                   "progress bar per step (quiet runs keep it in out/<name>/logs/).")
 def build_cmd(model_dir, name, out_root, gguf_types, gptq_bits, split_max_size, max_tokens, calib_tokens, force,
-              allow_partial):
+              allow_partial, verbose):
     """Build → validate → package MODEL_DIR into out/<name>/release/."""
     from xvq.errors import XvqError
     from xvq.release.pipeline import DEFAULT_GGUF_TYPES, DEFAULT_GPTQ_BITS, release
+    from xvq.release.summary import summary_lines
+    from xvq.validate import load_report
     bits = [b for b in (gptq_bits or DEFAULT_GPTQ_BITS) if b]
     options = {"max_tokens": max_tokens} if max_tokens else {}
     r = release(model_dir, name=name, out_root=out_root, gguf_types=gguf_types or DEFAULT_GGUF_TYPES,
                 gptq_bits=bits, force=force, split_max_size=split_max_size, validate_options=options,
-                calib_tokens=calib_tokens,
-                log=click.echo)
+                calib_tokens=calib_tokens, log=click.echo, verbose=verbose)
     click.echo(f"steps run: {', '.join(r.ran) or 'none'}; up to date: {', '.join(r.skipped) or 'none'}")
-    click.echo(f"released ({len(r.included)}):")
-    for p in r.included:
-        click.echo(f"  {p}")
     for item in r.left_out:
-        m = item["metrics"]
-        click.echo(f"  LEFT OUT {item['path']}: {'; '.join(item['reasons'])} "
-                   f"(ppl ratio {m.get('ppl_ratio')}, KLD {m.get('kld_mean')})")
-    click.echo(f"package: {r.package}")
+        click.echo(f"LEFT OUT {Path(item['path']).name}: {'; '.join(item['reasons'])}")
+    click.echo("")
+    for line in summary_lines(load_report(r.report), r.package, r.report.with_suffix(".md"), r.logs):
+        click.echo(line)
     if r.left_out and not allow_partial:
         raise XvqError(f"{len(r.left_out)} artifact(s) failed the validation gate and were left out of "
                        f"{r.package}; see the summary above, or pass --allow-partial")

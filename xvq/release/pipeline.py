@@ -14,7 +14,7 @@ from xvq.fsio import atomic_output
 from xvq.layout import Layout, is_first_gguf
 from xvq.llamacpp import parse_size
 from xvq.models import family_for
-from xvq.release import card, package
+from xvq.release import card, package, publish
 from xvq.release.fit import fit_table
 from xvq.release.stamps import Stamps, fingerprint, sha256_file
 
@@ -31,6 +31,8 @@ class ReleaseResult:
     left_out: list[dict] = field(default_factory=list)
     ran: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    report: Path | None = None     # validate/report.json
+    logs: Path | None = None       # each step's output when quiet (xvq.quiet)
 
 
 def tool_versions() -> dict:
@@ -93,7 +95,7 @@ def run_validate(model_dir: Path, layout: Layout, artifacts: list[Path], stamps:
     report_json = layout.validate_dir / "report.json"
     inputs = {"model": src_fp, "artifacts": fingerprint(artifacts), "options": options}
     stamps.run("validate", inputs, [report_json],
-               lambda: validate(model_dir, artifacts, report_dir=layout.validate_dir, **options))
+               lambda: validate(model_dir, artifacts, report_dir=layout.validate_dir, model_name=layout.name, **options))
     return load_report(report_json)
 
 
@@ -137,6 +139,8 @@ def build_package(model_dir: Path, layout: Layout, data: dict, ggufs: list[Path]
             (dst / "README.md").write_text(card.gptq_card(fam, layout.name, base_model, g, bits,
                                                           markdown(split_report(data, [str(g)])),
                                                           "report.png" if plot.is_file() else None), encoding="utf-8")
+        for folder in publish.release_folders(root):
+            publish.write_hub_files(folder)
         package.write_sums(root)
         package.write_manifest(root, manifest_meta(model_dir, layout, data, src_hash, left_out))
     log(f"package: {layout.release_dir}")
@@ -165,12 +169,28 @@ def manifest_meta(model_dir: Path, layout: Layout, data: dict, src_hash: str, le
 def release(model_dir: Path | str, *, name: str | None = None, out_root: Path | str | None = None,
             gguf_types=DEFAULT_GGUF_TYPES, gptq_bits=DEFAULT_GPTQ_BITS, force: bool = False,
             split_max_size: str = DEFAULT_SPLIT, validate_options: dict | None = None,
-            calib_tokens: int | None = None, log=print) -> ReleaseResult:
+            calib_tokens: int | None = None, log=print, verbose: bool | None = None) -> ReleaseResult:
+    """verbose None: every library prints as it likes (for callers with their own logging);
+    False: one progress bar per step, each step's output in out/<name>/logs/; True: all of it."""
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     family_for(config, str(model_dir / "config.json"))  # fail early on an unsupported model
     layout = Layout.for_model(model_dir, name, out_root)
     stamps = Stamps(layout.base / ".stamps", force)
+    if verbose is None:
+        return _release(model_dir, layout, stamps, gguf_types, gptq_bits, split_max_size, validate_options,
+                        calib_tokens, log)
+    from xvq.quiet import Steps, set_verbosity
+    set_verbosity(verbose)
+    with Steps(stamps, layout.base / "logs", verbose) as steps:
+        r = _release(model_dir, layout, steps, gguf_types, gptq_bits, split_max_size, validate_options,
+                     calib_tokens, log)
+    r.logs = None if verbose else layout.base / "logs"
+    return r
+
+
+def _release(model_dir: Path, layout: Layout, stamps, gguf_types, gptq_bits, split_max_size: str,
+             validate_options: dict | None, calib_tokens: int | None, log) -> ReleaseResult:
     src_fp = fingerprint([f for f in model_dir.iterdir() if f.is_file()])
     ggufs = build_ggufs(model_dir, layout, list(gguf_types), stamps, log, calib_tokens)
     gptqs = build_gptqs(model_dir, layout, list(gptq_bits), stamps, src_fp, calib_tokens)
@@ -187,4 +207,5 @@ def release(model_dir: Path | str, *, name: str | None = None, out_root: Path | 
                            "artifacts": fingerprint(ggufs + gptqs), "split": split_max_size},
                [layout.release_dir / package.SUMS], pack)
     saved = json.loads(summary.read_text())
-    return ReleaseResult(layout.release_dir, saved["included"], saved["left_out"], stamps.ran, stamps.skipped)
+    return ReleaseResult(layout.release_dir, saved["included"], saved["left_out"], stamps.ran, stamps.skipped,
+                         layout.validate_dir / "report.json")

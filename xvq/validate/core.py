@@ -246,12 +246,13 @@ def validate(reference_dir: Path | str, artifacts: list[Path | str], *, text=Non
              ctx: int = 512, max_tokens: int | None = None, report_dir: Path | str,
              thresholds: dict | None = None, reference_gguf: Path | str | None = None,
              top_k: int = DEFAULT_TOP_K, n_threads: int | None = None, progress: bool = True,
-             write: bool = True) -> Report:
+             write: bool = True, model_name: str | None = None) -> Report:
     """Score `artifacts` (GGUF files, GPTQ/HF folders) against the reference and gate them.
 
     text: a file path, or {lang: text}; default the held-out split of xvq.calib_data.
     thresholds: overrides {max_kld, max_ppl_ratio, max_token_mismatch} for every artifact.
     reference_gguf: a bf16/f32 GGUF of the reference, scored in llama.cpp instead of transformers.
+    model_name: what the report calls the model (default: the reference folder's name).
     Writes report.json, report.md and report.png into report_dir (when write) and returns the Report.
     """
     from xvq.validate.report import build_report, write_report
@@ -281,7 +282,7 @@ def validate(reference_dir: Path | str, artifacts: list[Path | str], *, text=Non
                                          progress=progress, input_problem=problem))
     data = build_report(reference_dir=reference_dir, reference_gguf=reference_gguf, ref=ref, windows=windows,
                         text_source=text_source, entries=entries, overrides=thresholds or {}, top_k=top_k,
-                        max_tokens=max_tokens, input_problem=problem)
+                        max_tokens=max_tokens, input_problem=problem, model_name=model_name)
     report = Report(data, report_dir)
     if write:
         write_report(report)

@@ -15,7 +15,8 @@ SCHEMA_VERSION = 1
 
 
 def build_report(*, reference_dir: Path, reference_gguf, ref, windows, text_source: str, entries: list[dict],
-                 overrides: dict, top_k: int, max_tokens, input_problem: str | None) -> dict:
+                 overrides: dict, top_k: int, max_tokens, input_problem: str | None,
+                 model_name: str | None = None) -> dict:
     import xvq
     ref_langs = {}
     for lang, (wa, wb) in windows.spans.items():
@@ -30,6 +31,7 @@ def build_report(*, reference_dir: Path, reference_gguf, ref, windows, text_sour
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "reference": {
             "path": str(reference_dir),
+            "name": model_name or Path(reference_dir).name,
             "scored_with": "llama.cpp" if reference_gguf else "transformers",
             "gguf": str(reference_gguf) if reference_gguf else None,
             "perplexity": perplexity(ref.rows.nll) if ref is not None else None,
@@ -102,7 +104,7 @@ def markdown(data: dict) -> str:
             f"| {_f(a['kld_mean'], '.5f')} | {_f(a['kld_p99'], '.4f')} "
             f"| {_f(a['top1_agreement'] * 100 if a['top1_agreement'] is not None else None, '.2f')}% "
             f"| {_f(a['token_mismatch_rate'], '.4f')} | {'pass' if a['passed'] else 'FAIL'} |")
-    out = [f"Reference: `{Path(ref['path']).name}` ({ref['scored_with']}), perplexity "
+    out = [f"Reference: `{ref.get('name') or Path(ref['path']).name}` ({ref['scored_with']}), perplexity "
            f"{_f(ref['perplexity'], '.4f')}; {s['n_windows']} windows of {s['ctx']} tokens, "
            f"{s['n_tokens_scored']} tokens scored (second half of each window); text: {s['text']}; "
            f"KLD on the reference's top-{s['top_k']} tokens plus the rest as one bin.", "", *lines]
@@ -153,7 +155,8 @@ def plot(data: dict, path: Path) -> None:
     ax1.axhline(1.0, color="gray", lw=0.8)
     ax1.set(xlabel="bits per weight", ylabel="perplexity / reference", title="Perplexity ratio")
     ax2.set(xlabel="bits per weight", ylabel="mean KL divergence", title="KL divergence", yscale="log")
-    fig.suptitle(f"{Path(data['reference']['path']).name}: quality against bits per weight (red: fails the gate)",
+    name = data["reference"].get("name") or Path(data["reference"]["path"]).name
+    fig.suptitle(f"{name}: quality against bits per weight (red: fails the gate)",
                  fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120, format="png")
