@@ -381,18 +381,18 @@ def calibration(calib_file: Path | str | None = None, *, budget_tokens: int = DE
 
 def resolve_source(source: Path | str, layout, *, progress: bool = True) -> tuple[Path, Path | None]:
     """(GGUF to quantize, model folder or None). A model folder is converted first into the
-    layout's f16 GGUF (reused when it is newer than the checkpoint, e.g. after `make gguf`'s
-    convert step)."""
+    layout's f16 GGUF (reused when the stamp says it was made from this checkpoint's content,
+    e.g. by `make gguf`'s convert step or `xvq release`)."""
     source = Path(source)
     if not source.is_dir():
         return source, None
     if not (source / "config.json").is_file():
         raise XvqError(f"{source}: a folder without config.json; give a Hugging Face model folder or a GGUF")
     f16 = layout.gguf("f16")
-    newest = max(p.stat().st_mtime for p in source.iterdir() if p.is_file())
-    if not (f16.is_file() and f16.stat().st_mtime >= newest):
-        from xvq.convert import convert
-        convert(source, f16, "f16", name=layout.name, progress=progress)
+    from xvq.convert import convert
+    from xvq.release.stamps import source_step
+    source_step(layout.base / ".stamps", "convert", source, [f16],
+                lambda: convert(source, f16, "f16", name=layout.name, progress=progress))
     return f16, source
 
 

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from xvq.checkpoint import read_config
-from xvq.fsio import atomic_output
+from xvq.fsio import atomic_output, atomic_write_text, sweep_tree
+from xvq.identity import source_identity
 from xvq.layout import Layout, is_first_gguf, quant_tag
 from xvq.models import family_for
 from xvq.release import card, package
@@ -46,10 +47,11 @@ def tool_versions() -> dict:
 def model_hash(model_dir: Path) -> str:
     """sha256 over the checkpoint's weight files' own sha256s (cached beside the stamps by fingerprint)."""
     from xvq.checkpoint import weight_files
+    from xvq.identity import file_hash
     import hashlib
     h = hashlib.sha256()
     for f in weight_files(model_dir):
-        h.update(f"{f.name}:{sha256_file(f)}\n".encode())
+        h.update(f"{f.name}:{file_hash(f)}\n".encode())
     return h.hexdigest()
 
 
@@ -181,8 +183,9 @@ def release(model_dir: Path | str, *, name: str | None = None, out_root: Path | 
     config = read_config(model_dir)
     family_for(config, str(model_dir / "config.json"))  # fail early on an unsupported model
     layout = Layout.for_model(model_dir, name, out_root)
+    sweep_tree(layout.base)                # partials of killed runs
     stamps = Stamps(layout.base / ".stamps", force)
-    src_fp = fingerprint([f for f in model_dir.iterdir() if f.is_file()])
+    src_fp = source_identity(model_dir, stamps.cache)   # by content: every step after a changed source reruns
     ggufs = build_ggufs(model_dir, layout, list(gguf_types), stamps, src_fp, log, calib_tokens)
     gptqs = build_gptqs(model_dir, layout, list(gptq_bits), stamps, src_fp, calib_tokens)
     options = validate_options or {}
@@ -192,8 +195,7 @@ def release(model_dir: Path | str, *, name: str | None = None, out_root: Path | 
     def pack():
         included, left_out = build_package(model_dir, layout, data, ggufs, gptqs, parse_size(split_max_size),
                                            model_hash(model_dir), log)
-        summary.parent.mkdir(parents=True, exist_ok=True)
-        summary.write_text(json.dumps({"included": included, "left_out": left_out}))
+        atomic_write_text(summary, json.dumps({"included": included, "left_out": left_out}))
     stamps.run("package", {"report": fingerprint([layout.validate_dir / "report.json"]),
                            "artifacts": fingerprint(ggufs + gptqs), "split": split_max_size},
                [layout.release_dir / package.SUMS], pack)
