@@ -80,6 +80,20 @@ def encode(rows: np.ndarray, qtype: QT, stored_dtype: str | None = None) -> np.n
     return gguf.quants.quantize(rows, qtype)
 
 
+def first_nonfinite(block: np.ndarray, stored_dtype: str | None = None) -> int | None:
+    """Index (flat, within the block) of the first NaN/Inf, or None. Raw bf16/f16 rows are
+    checked on their bits: exponent all ones."""
+    kind = _STORED.get(stored_dtype or "") if stored_dtype else None
+    if kind in ("bf16", "f16"):
+        mask = 0x7F80 if kind == "bf16" else 0x7C00
+        bad = (block.view(np.uint16) & mask) == mask
+    else:
+        bad = ~np.isfinite(block)
+    if not bad.any():
+        return None
+    return int(np.flatnonzero(bad)[0])
+
+
 @dataclass
 class Planned:
     tensor: OutTensor
@@ -98,6 +112,9 @@ class StreamingWriter(gguf.GGUFWriter):
         self.write_kv_data_to_file()
         self.write_ti_data_to_file()
 
+    # called as on_nonfinite(tensor, row) for the first row holding NaN/Inf; raises to refuse
+    on_nonfinite = None
+
     def stream(self, p: Planned, on_rows=None) -> None:
         file_id = next(i for i, ts in enumerate(self.tensors) if ts)
         fout = self.fout[file_id]
@@ -112,6 +129,8 @@ class StreamingWriter(gguf.GGUFWriter):
         for r in range(0, t.n_rows, step):
             stop = min(r + step, t.n_rows)
             block = read(slice(r, stop)).reshape(stop - r, cols)
+            if self.on_nonfinite is not None and (i := first_nonfinite(block, stored)) is not None:
+                self.on_nonfinite(t, r + i // cols)
             encode(block, p.qtype, stored).tofile(fout)
             if on_rows:
                 on_rows(stop - r)
