@@ -20,14 +20,13 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from xvq.checkpoint import read_config, weight_files
 from xvq.errors import XvqError
-from xvq.fsio import atomic_output
+from xvq.fsio import atomic_output, scratch_dir
 from xvq.models import family_for
 from xvq.models.base import Family
 from xvq.quantize import gptq_moe
@@ -380,7 +379,7 @@ def quantize_gptq(model_dir: Path | str, outdir: Path | str, settings: GptqSetti
     # Staged shards and GPTQModel's offload folder live beside the output (same disk the user chose,
     # hidden from Layout.gptqs()), not in /tmp, which may be small.
     with atomic_output(outdir, is_dir=True) as tmp, \
-            tempfile.TemporaryDirectory(prefix=".xvq-gptq-work-", dir=outdir.parent) as work:
+            scratch_dir(outdir.parent, f"{outdir.name}.work") as work:   # swept if this run is killed
         work = Path(work)
         source = stage_as_safetensors(model_dir, work / "stage")
         cls = qmodel_class(family)

@@ -109,7 +109,7 @@ def parse_ram(text: str) -> float:
 @click.command("fit")
 @click.argument("target", type=click.Path(exists=True, path_type=Path))
 @click.option("--ram", default="16G", show_default=True, help="Machine memory, e.g. 32G.")
-@click.option("--ctx", default=8192, show_default=True, help="Context length to plan for.")
+@click.option("--ctx", default=8192, show_default=True, type=click.IntRange(min=1), help="Context length to plan for.")
 @click.option("--name", default=None)
 @click.option("--out-root", type=click.Path(path_type=Path), default=None)
 def fit_cmd(target: Path, ram: str, ctx: int, name, out_root):

@@ -21,7 +21,8 @@ def load(path: Path, ctx: int, verbose: bool = False):
 @click.option("-n", "--n-predict", default=64, show_default=True)
 @click.option("--chat", is_flag=True, help="Format the prompt with the file's chat template.")
 @click.option("--temp", default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--ctx", default=0, show_default=True, help="Context length; 0 = the model's own.")
+@click.option("--ctx", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Context length; 0 = the model's own.")
 def run_cmd(gguf_file: Path, prompt: str, n_predict: int, chat: bool, temp: float, ctx: int):
     """Generate from a GGUF with llama.cpp (greedy by default)."""
     llm = load(gguf_file, ctx)
