@@ -142,9 +142,11 @@ def test_identity_sees_content_not_mtime(tmp_path, monkeypatch):
     (d / "a.bin").write_bytes(b"y" * 1000)
     os.utime(d / "a.bin", ns=(st.st_atime_ns, st.st_mtime_ns))
     identity._memory.clear()
+    identity._loaded.clear()
     assert identity.source_identity(d, cache) != first
     # a second lookup (fresh process: empty memory) reads the cache, not the bytes
     identity._memory.clear()
+    identity._loaded.clear()
     monkeypatch.setattr(identity, "sha256_file", lambda p: pytest.fail(f"hashed {p} again"))
     identity.source_identity(d, cache)
 

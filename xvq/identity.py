@@ -20,6 +20,7 @@ MAX_ENTRIES = 20000          # old keys (files since changed) are dropped first
 _CHUNK = 8 << 20
 
 _memory: dict[str, str] = {}
+_loaded: set[Path] = set()
 _default_cache: Path | None = None
 
 
@@ -70,11 +71,11 @@ def file_hash(path: Path | str, cache: Path | str | None = None) -> str:
     key = stat_key(st)
     if key in _memory:
         return _memory[key]
-    if cache is not None:
-        known = _load(cache).get(key)
-        if known:
-            _memory[key] = known
-            return known
+    if cache is not None and cache not in _loaded:
+        _memory.update(_load(cache))     # once per process: one JSON read however many shards
+        _loaded.add(cache)
+        if key in _memory:
+            return _memory[key]
     digest = sha256_file(path)
     if stat_key(path.stat()) != key:      # changed while we read it: do not remember
         return digest
