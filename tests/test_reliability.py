@@ -323,6 +323,7 @@ def test_unexpected_error_one_line_traceback_with_debug(st_model, tmp_path, monk
     msg = error_line(invoke(*args))
     assert "KeyError" in msg and "--debug" in msg
     assert isinstance(invoke("--debug", *args).exception, KeyError)
+    assert isinstance(invoke(*args, "--debug").exception, KeyError)
     monkeypatch.setenv("XVQ_DEBUG", "1")
     assert isinstance(invoke(*args).exception, KeyError)
 

@@ -70,9 +70,15 @@ class XvqGroup(LazyGroup):
     """One error path: XvqError (and click's usage errors) print one line; anything else becomes
     one line too, with the traceback only under --debug / XVQ_DEBUG=1."""
 
+    def parse_args(self, ctx, args):
+        # `xvq convert … --debug` as well as `xvq --debug convert …`
+        if "--debug" in args[1:]:
+            args = ["--debug", *(a for a in args if a != "--debug")]
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx):
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt) if main_thread else None
         try:
             return super().invoke(ctx)
         except XvqError:
@@ -85,6 +91,9 @@ class XvqGroup(LazyGroup):
             if debugging(ctx):
                 raise
             raise as_one_line(e) from e
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(cls=XvqGroup, context_settings={"help_option_names": ["-h", "--help"]})
