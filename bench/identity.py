@@ -35,9 +35,10 @@ if str(ROOT) not in sys.path:
 CHILD = """
 import sys, time
 sys.path.insert(0, {root!r})
-from xvq.identity import source_identity
+from xvq.identity import flush, source_identity
 t = time.perf_counter()
 ident = source_identity({folder!r}, {cache!r})
+flush()   # as Stamps.record does when the step that needed the identity succeeds
 print(time.perf_counter() - t, ident)
 """
 

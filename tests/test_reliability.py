@@ -144,7 +144,8 @@ def test_identity_sees_content_not_mtime(tmp_path, monkeypatch):
     identity._memory.clear()
     identity._loaded.clear()
     assert identity.source_identity(d, cache) != first
-    # a second lookup (fresh process: empty memory) reads the cache, not the bytes
+    # a second lookup (fresh process: empty memory) reads the cache, written when a step succeeds
+    identity.flush()
     identity._memory.clear()
     identity._loaded.clear()
     monkeypatch.setattr(identity, "sha256_file", lambda p: pytest.fail(f"hashed {p} again"))
@@ -416,6 +417,19 @@ def test_nonfinite_weights_refused_with_tensor_name(st_model, tmp_path):
     from gguf import GGUFReader
     t = {t.name: t for t in GGUFReader(out / "m.gguf").tensors}["blk.1.ffn_down.weight"]
     assert np.isnan(np.asarray(t.data)).sum() == 1
+
+
+def test_failed_conversion_inside_quantize_leaves_no_layout(st_model, tmp_path):
+    """The same refusal through `quantize gguf MODEL_DIR`: no f16, no stamp, no cache, no folder."""
+    from safetensors.torch import load_file, save_file
+    f = st_model / "model.safetensors"
+    state = load_file(f)
+    state["model.norm.weight"][7] = float("nan")
+    save_file(state, f, metadata={"format": "pt"})
+    msg = error_line(invoke("quantize", "gguf", st_model, "--type", "Q8_0", "--imatrix", "none",
+                            "--out-root", tmp_path / "out"))
+    assert "model.norm.weight" in msg
+    assert tree(tmp_path / "out") == []
 
 
 def test_nonfinite_f32_pickle_refused(bin_model, tmp_path):

@@ -5,8 +5,8 @@ Hashing a 130 GB checkpoint takes minutes, so a file's hash is cached under its
 but never a ctime (the kernel sets it on every change of the inode), so replaced or edited
 weights always miss the cache and are hashed again: a stale artifact cannot pass as fresh.
 
-The cache is a JSON file beside the stamps (`<layout>/.stamps/identity-cache.json`); within one
-process every lookup is also kept in memory."""
+The cache is a JSON file beside the stamps (`<layout>/.stamps/identity-cache.json`), written when
+a step succeeds; within one process every lookup is also kept in memory."""
 from __future__ import annotations
 
 import hashlib
@@ -21,6 +21,7 @@ _CHUNK = 8 << 20
 
 _memory: dict[str, str] = {}
 _loaded: set[Path] = set()
+_pending: dict[Path, dict[str, str]] = {}     # computed, not yet written (see flush)
 _default_cache: Path | None = None
 
 
@@ -81,8 +82,17 @@ def file_hash(path: Path | str, cache: Path | str | None = None) -> str:
         return digest
     _memory[key] = digest
     if cache is not None:
-        _save(cache, {key: digest})
+        _pending.setdefault(cache, {})[key] = digest
     return digest
+
+
+def flush() -> None:
+    """Write the hashes computed so far into their cache files. Called when a step succeeds
+    (Stamps.record), so a failed command leaves no cache behind and a killed one loses at most
+    the hashes of the step it was in."""
+    while _pending:
+        cache, entries = _pending.popitem()
+        _save(cache, entries)
 
 
 def folder_files(folder: Path) -> list[Path]:

@@ -57,6 +57,7 @@ class Stamps:
     def record(self, step: str, inputs: dict, outputs: Iterable[Path] = ()) -> None:
         stamp = {"digest": digest(inputs), "inputs": inputs, "outputs": fingerprint(outputs)}
         atomic_write_text(self._path(step), json.dumps(stamp, indent=1, default=str))
+        identity.flush()
 
     def run(self, step: str, inputs: dict, outputs: list[Path], action) -> bool:
         """Run `action()` unless the step is fresh; returns True when it ran."""

@@ -112,4 +112,6 @@ def reference_for(make_scorer, source: Path, windows: Windows, k: int, cache_dir
         scorer.close()
     if path is not None:
         save(ref, path)
+        from xvq.identity import flush
+        flush()   # the reference checkpoint's hashes, beside the cache they key
     return ref
