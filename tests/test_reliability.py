@@ -125,6 +125,16 @@ def test_quantize_reuses_the_f16_of_unchanged_weights(st_model, tmp_path, monkey
     assert res.exit_code == 0, res.output
 
 
+def test_make_gguf_converts_once(st_model, tmp_path, monkeypatch):
+    """`make gguf`: `xvq convert` into the layout, then `xvq quantize gguf MODEL_DIR` reuses that f16."""
+    import xvq.convert
+    root = tmp_path / "out"
+    assert invoke("convert", st_model, "--out-root", root, "--outtype", "f16").exit_code == 0
+    monkeypatch.setattr(xvq.convert, "convert", lambda *a, **k: pytest.fail("converted again"))
+    res = invoke("quantize", "gguf", st_model, "--type", "Q8_0", "--imatrix", "none", "--out-root", root)
+    assert res.exit_code == 0, res.output
+
+
 def test_identity_sees_content_not_mtime(tmp_path, monkeypatch):
     from xvq import identity
     d = tmp_path / "m"
