@@ -490,3 +490,20 @@ def test_malicious_pickle_says_code_was_refused(bin_model, tmp_path):
     msg = error_line(invoke("convert", bin_model, "--outfile", tmp_path / "out" / "m.gguf"))
     assert shard.name in msg and "code" in msg and "refused" in msg and "download it again" not in msg
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
+def test_first_nonfinite_matches_numpy(dtype):
+    """The bit test on stored rows against numpy's isfinite on the float32 values."""
+    import torch
+    from xvq.convert.writer import first_nonfinite
+    rng = np.random.default_rng(0)
+    for bad in (None, float("nan"), float("inf"), float("-inf")):
+        x = torch.from_numpy(rng.standard_normal((16, 96)).astype(np.float32) * 1e3)
+        if bad is not None:
+            x[int(rng.integers(16)), int(rng.integers(96))] = bad
+            x[15, 95] = bad
+        t = x.to({"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[dtype])
+        raw = t.view(torch.int16).numpy().view(np.uint16) if dtype == "BF16" else t.numpy()
+        ref = np.flatnonzero(~np.isfinite(t.float().numpy()))
+        assert first_nonfinite(raw, dtype) == (int(ref[0]) if len(ref) else None)
