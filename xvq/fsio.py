@@ -173,6 +173,21 @@ def disk_full(e: BaseException | None, folder: Path) -> bool:
         return False
 
 
+def require_free(folder: Path, need: int, what: str) -> None:
+    """Refuse up front when `folder`'s disk has less than `need` bytes free: for writers that
+    end the whole process on a write error (GPTQModel's workers call os._exit) and so cannot
+    report a full disk in one line."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    free = shutil.disk_usage(existing).free
+    if free < need:
+        raise XvqError(f"{folder}: not enough free disk for {what} (about {_human(need)} needed, {_human(free)} free); "
+                       f"free space there (or write somewhere else) and run again")
+
+
+def _human(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
 def disk_full_error(final: Path) -> XvqError:
     return XvqError(f"{final}: disk full while writing it; free space in {final.parent} "
                     f"(or write somewhere else) and run again")
