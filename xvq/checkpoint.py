@@ -4,6 +4,7 @@ anonymous memory), so a 65B checkpoint streams through a laptop."""
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import struct
 from dataclasses import dataclass
@@ -29,9 +30,42 @@ def read_config(folder: Path) -> dict:
     if not path.is_file():
         raise XvqError(f"{path}: not found; point at a Hugging Face model folder (with config.json)")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise XvqError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); restore the original file") from e
+    except UnicodeDecodeError:
+        raise XvqError(f"{path}: not UTF-8 text (binary?); restore the original config.json") from None
+    check_config(config, path)
+    return config
+
+
+# config.json fields every stage reads as sizes (positive integers) or constants (positive numbers)
+_SIZE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "intermediate_size", "max_position_embeddings", "num_experts", "moe_top_k",
+                "num_experts_per_tok", "head_dim")
+_NUMBER_FIELDS = ("rms_norm_eps", "rope_theta")
+
+
+def check_config(config, path: Path) -> None:
+    """The types the stages rely on, so a hand-edited config fails here in one line rather than
+    deep inside a stage."""
+    if not isinstance(config, dict):
+        raise XvqError(f"{path}: holds a JSON {type(config).__name__}, not an object; "
+                       f"restore the config.json that came with the weights")
+    for key in _SIZE_FIELDS:
+        v = config.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise XvqError(f"{path}: {key} is {v!r}, not a positive integer; "
+                           f"restore the config.json that came with the weights")
+    for key in _NUMBER_FIELDS:
+        v = config.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
+            raise XvqError(f"{path}: {key} is {v!r}, not a positive number; "
+                           f"restore the config.json that came with the weights")
+    archs = config.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise XvqError(f"{path}: architectures is {archs!r}, not a list of names; "
+                       f"restore the config.json that came with the weights")
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -137,7 +171,17 @@ def pickle_tensors(path: Path) -> dict[str, SourceTensor]:
     import torch
     try:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:  # torch raises several types for truncated / non-zip / unsafe files
+    except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower():
+            raise XvqError(f"{path}: cannot be read as a PyTorch checkpoint (corrupt pickle); "
+                           f"download it again or convert to safetensors") from e
+        # a pickle that names code to call: never run, and not a download error
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f" ({found.group(1)})" if found else ""
+        raise XvqError(f"{path}: contains code{what} that xvq refused to run (weights-only loading); "
+                       f"do not use this file: get the checkpoint from a trusted source, "
+                       f"preferably as safetensors") from None
+    except Exception as e:  # torch raises several types for truncated / non-zip files
         raise XvqError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: "
                        f"{str(e).splitlines()[0][:120]}); download it again or convert to safetensors") from e
     out = {}

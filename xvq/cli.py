@@ -3,8 +3,16 @@ only when used, so `xvq --help` stays fast."""
 from __future__ import annotations
 
 import importlib
+import os
+import signal
+import threading
+import traceback
+from pathlib import Path
 
 import click
+
+from xvq.errors import XvqError
+from xvq.fsio import disk_full, disk_full_error
 
 # command name -> "module:attribute"
 COMMANDS = {
@@ -35,13 +43,63 @@ class LazyGroup(click.Group):
 
             @click.command(name, help=f"(unavailable: {reason})")
             def unavailable():
-                raise click.ClickException(f"`xvq {name}` is not available in this build: {reason}")
+                raise XvqError(f"`xvq {name}` is not available in this build: {reason}")
             return unavailable
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+def debugging(ctx: click.Context | None = None) -> bool:
+    return os.environ.get("XVQ_DEBUG", "") not in ("", "0") or bool(ctx and ctx.params.get("debug"))
+
+
+def _sigterm_as_interrupt(signum, frame):
+    # `timeout`, `docker stop` and service managers send SIGTERM: clean up as for Ctrl-C
+    raise KeyboardInterrupt
+
+
+def as_one_line(e: Exception) -> XvqError:
+    """What a user sees for an exception no stage turned into an XvqError."""
+    if isinstance(e, OSError) and e.filename and disk_full(e, Path(e.filename).parent):
+        return disk_full_error(Path(e.filename))
+    if isinstance(e, OSError) and e.filename:
+        return XvqError(f"{e.filename}: {e.strerror or e}; check the path and its permissions")
+    return XvqError(f"internal error ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+                    f"rerun with --debug (or XVQ_DEBUG=1) for the traceback and report it")
+
+
+class XvqGroup(LazyGroup):
+    """One error path: XvqError (and click's usage errors) print one line; anything else becomes
+    one line too, with the traceback only under --debug / XVQ_DEBUG=1."""
+
+    def parse_args(self, ctx, args):
+        # `xvq convert … --debug` as well as `xvq --debug convert …`
+        if "--debug" in args[1:]:
+            args = ["--debug", *(a for a in args if a != "--debug")]
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx):
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt) if main_thread else None
+        try:
+            return super().invoke(ctx)
+        except XvqError:
+            if debugging(ctx):
+                traceback.print_exc()
+            raise
+        except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as e:
+            if debugging(ctx):
+                raise
+            raise as_one_line(e) from e
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
+
+
+@click.group(cls=XvqGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="xvq")
-def main():
+@click.option("--debug", is_flag=True, help="Show the full traceback of an unexpected error (or set XVQ_DEBUG=1).")
+def main(debug: bool):
     """Convert, quantize, validate and release XVERSE and LLaMA-family models."""
 
 

@@ -13,14 +13,22 @@ import click
 @click.option("--chat-template", default=None, help="Template name (xverse) or a Jinja file.")
 @click.option("--rope-theta", type=float, default=None, help="Override the config's RoPE theta.")
 @click.option("--out-root", type=click.Path(path_type=Path), default=None, help="Layout root (default: out).")
-def convert_cmd(model_dir, outfile, outtype, split_max_size, name, chat_template, rope_theta, out_root):
+@click.option("--allow-nonfinite", is_flag=True, help="Convert weights holding NaN/Inf with a warning instead of refusing.")
+def convert_cmd(model_dir, outfile, outtype, split_max_size, name, chat_template, rope_theta, out_root,
+                allow_nonfinite):
     """Convert a Hugging Face checkpoint (XVERSE, LLaMA) to GGUF, streaming."""
     from xvq.convert import convert
     from xvq.layout import Layout
+    layout = Layout.for_model(model_dir, name, out_root)
+    plain_f16 = outfile is None and outtype.lower() == "f16" and not (split_max_size or chat_template or rope_theta)
     if outfile is None:
-        outfile = Layout.for_model(model_dir, name, out_root).gguf(outtype)
+        outfile = layout.gguf(outtype)
     written = convert(model_dir, outfile, outtype, split_max_size=split_max_size, name=name,
-                      chat_template=chat_template, rope_theta=rope_theta)
+                      chat_template=chat_template, rope_theta=rope_theta, allow_nonfinite=allow_nonfinite)
+    if plain_f16 and not allow_nonfinite:
+        # the layout's f16, as `xvq quantize gguf MODEL_DIR` and `xvq release` make it: stamp it so they reuse it
+        from xvq.stamps import record_source_step
+        record_source_step(layout.base / ".stamps", "convert", model_dir, written)
     for p in written:
         click.echo(f"wrote {p} ({p.stat().st_size / 1e6:.1f} MB)")
     from xvq.validate import compare_tokenization, parity_sample

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from pathlib import Path
 
 import gguf
@@ -14,7 +13,7 @@ from xvq.checkpoint import Checkpoint, open_checkpoint
 from xvq.convert.vocab import add_vocab
 from xvq.convert.writer import OUTTYPES, StreamingWriter, tensor_type
 from xvq.errors import XvqError
-from xvq.fsio import ensure_writable_dir, temp_sibling
+from xvq.fsio import disk_full, disk_full_error, partial_output
 from xvq.layout import model_name
 from xvq.llamacpp import parse_size
 from xvq.models import Family, family_for
@@ -74,16 +73,45 @@ def earlier_split(outfile: Path, written: list[Path]) -> list[Path]:
     return [p for p in outfile.parent.iterdir() if same.fullmatch(p.name) and p not in written and p.is_file()]
 
 
+def check_outfile(outfile: Path, model_dir: Path) -> None:
+    """The output is a .gguf and none of the checkpoint's files: converting never destroys its input."""
+    if outfile.is_dir():
+        raise XvqError(f"{outfile}: is a folder; give --outfile a file name ending in .gguf")
+    if outfile.suffix.lower() != ".gguf":
+        raise XvqError(f"{outfile}: not a .gguf name; give --outfile a file name ending in .gguf")
+    if outfile.exists() and model_dir.is_dir():
+        for f in model_dir.iterdir():
+            if f.is_file() and os.path.samefile(outfile, f):
+                raise XvqError(f"{outfile}: is the checkpoint's own file {f.name}; "
+                               f"give --outfile a path outside {model_dir}")
+
+
+def nonfinite_guard(ckpt: Checkpoint, allow: bool):
+    """The writer's on_nonfinite: refuse (naming tensor and file) unless allowed, then warn once per tensor."""
+    warned = set()
+
+    def on_nonfinite(t, row: int) -> None:
+        src = ckpt.tensors.get(t.sources[0]) if t.sources else None
+        where, name = (src.file, src.name) if src else (ckpt.folder, t.name)
+        if not allow:
+            raise XvqError(f"{where}: tensor {name} holds NaN/Inf (row {row}); the weights are damaged: "
+                           f"download them again (or pass --allow-nonfinite to convert anyway)")
+        if name not in warned:
+            warned.add(name)
+            tqdm.write(f"warning: {where}: tensor {name} holds NaN/Inf (row {row}); converted as is "
+                       f"(--allow-nonfinite)")
+    return on_nonfinite
+
+
 def convert(model_dir: Path | str, outfile: Path | str, outtype: str = "f16", *, split_max_size: str | int = 0,
             name: str | None = None, chat_template: str | None = None, rope_theta: float | None = None,
-            progress: bool = True) -> list[Path]:
+            progress: bool = True, allow_nonfinite: bool = False) -> list[Path]:
     """Convert and return the written file(s): one GGUF, or its shards in llama.cpp's format."""
     model_dir, outfile = Path(model_dir), Path(outfile)
     outtype = outtype.lower()
     if outtype not in OUTTYPES:
         raise XvqError(f"--outtype {outtype}: unknown; use one of {', '.join(OUTTYPES)}")
-    if outfile.is_dir():
-        raise XvqError(f"{outfile}: is a folder; give --outfile a file name ending in .gguf")
+    check_outfile(outfile, model_dir)
     max_shard = parse_size(split_max_size, "--split-max-size")
     ckpt = open_checkpoint(model_dir)
     fam = family_for(ckpt.config, str(model_dir / "config.json"))
@@ -94,6 +122,7 @@ def convert(model_dir: Path | str, outfile: Path | str, outtype: str = "f16", *,
     tensors = list(fam.gguf_tensors(ckpt.tensors))
 
     w = StreamingWriter(path=None, arch=fam.gguf_arch, split_max_size=max_shard)
+    w.on_nonfinite = nonfinite_guard(ckpt, allow_nonfinite)
     write_metadata(w, fam, name, outtype, parameter_counts(fam, tensors))
     vocab = add_vocab(w, model_dir, fam.hp.n_vocab, fam.vocab_kind)
     for note in vocab.get("notes", []):
@@ -105,11 +134,19 @@ def convert(model_dir: Path | str, outfile: Path | str, outtype: str = "f16", *,
         w.add_chat_template(template)
     plans = [w.plan(t, tensor_type(t, outtype)) for t in tensors]
 
-    ensure_writable_dir(outfile.parent)
-    staging = temp_sibling(outfile)
-    shutil.rmtree(staging, ignore_errors=True)
     try:
-        staging.mkdir()
+        with partial_output(outfile, is_dir=True) as staging:
+            return write_staged(w, plans, staging, outfile, name, outtype, progress)
+    except OSError as e:
+        raise XvqError(f"{outfile}: cannot write ({e.strerror or e}); choose a writable location") from e
+    finally:
+        w.close()
+
+
+def write_staged(w: StreamingWriter, plans, staging: Path, outfile: Path, name: str, outtype: str,
+                 progress: bool) -> list[Path]:
+    """Write every file into the staging folder, then move them to their final names."""
+    try:
         w.begin(staging / outfile.name)
         total_rows = sum(p.tensor.n_rows for p in plans)
         with tqdm(total=total_rows, desc=f"convert {name} → {outtype}", unit="row", disable=not progress,
@@ -118,17 +155,15 @@ def convert(model_dir: Path | str, outfile: Path | str, outtype: str = "f16", *,
                 bar.set_postfix_str(f"tensor {i}/{len(plans)} {p.tensor.name}")  # redrawn per tensor
                 w.stream(p, on_rows=bar.update)
         w.close()
-        written = []
-        for f in sorted(staging.iterdir()):
-            os.replace(f, outfile.parent / f.name)
-            written.append(outfile.parent / f.name)
-        for stale in earlier_split(outfile, written):
-            stale.unlink()
-        return written
     except OSError as e:
-        if e.errno == 28:
-            raise XvqError(f"{outfile}: disk full while writing; free space or choose another --outfile") from e
-        raise XvqError(f"{outfile}: cannot write ({e.strerror}); choose a writable location") from e
-    finally:
-        w.close()
-        shutil.rmtree(staging, ignore_errors=True)
+        # numpy's tofile reports a full disk without errno ("cannot write (None)" before): ask the disk
+        if disk_full(e, outfile.parent):
+            raise disk_full_error(outfile) from e
+        raise
+    written = []
+    for f in sorted(staging.iterdir()):
+        os.replace(f, outfile.parent / f.name)
+        written.append(outfile.parent / f.name)
+    for stale in earlier_split(outfile, written):
+        stale.unlink()
+    return written

@@ -140,7 +140,10 @@ def _reachability(tj: dict, tokens: list[str], pairs: list[tuple[str, str]], pla
 def _hf_behaviour(path: Path) -> tuple[bool, bool, bool]:
     """(space prefix, add BOS, add EOS) as the Hugging Face tokenizer actually does them."""
     from tokenizers import Tokenizer
-    tok = Tokenizer.from_file(str(path))
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:   # the tokenizers library raises plain Exception on inconsistent files
+        raise _damaged(path, f"the tokenizers library cannot load it ({str(e).splitlines()[0][:120]})") from None
     plain = tok.encode("a", add_special_tokens=False)
     prefix = "".join(plain.tokens).startswith(SPACE)
     with_special = tok.encode("a", add_special_tokens=True).ids
@@ -158,9 +161,38 @@ def _choose_guard(tokens: list[str]) -> str:
     raise XvqError("tokenizer: every private-use guard character is a token; cannot build placeholders")
 
 
+def _damaged(path: Path, what: str) -> XvqError:
+    return XvqError(f"{path}: {what}; restore the tokenizer.json that came with the model")
+
+
+def load_tokenizer_json(path: Path) -> dict:
+    """tokenizer.json parsed and checked for the parts xvq reads (a BPE model with a vocab)."""
+    try:
+        tj = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise _damaged(path, "not UTF-8 text (binary or damaged)") from None
+    except json.JSONDecodeError as e:
+        raise _damaged(path, f"not valid JSON, truncated or damaged ({e.msg} at line {e.lineno})") from None
+    model = tj.get("model") if isinstance(tj, dict) else None
+    if not isinstance(model, dict):
+        raise _damaged(path, "has no tokenizer model object")
+    vocab = model.get("vocab")
+    if not isinstance(vocab, dict) or not vocab:
+        raise _damaged(path, "its model has no vocab")
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in vocab.values()):
+        raise _damaged(path, "its vocab holds ids that are not non-negative integers")
+    added = tj.get("added_tokens") or []
+    if not isinstance(added, list) or not all(isinstance(a, dict) and isinstance(a.get("id"), int)
+                                              and isinstance(a.get("content"), str) for a in added):
+        raise _damaged(path, "added_tokens is not a list of {id, content} entries")
+    if not isinstance(model.get("merges") or [], list):
+        raise _damaged(path, "its merges are not a list")
+    return tj
+
+
 def json_vocab(path: Path) -> Vocab:
-    tj = json.loads(path.read_text(encoding="utf-8"))
-    model = tj.get("model") or {}
+    tj = load_tokenizer_json(path)
+    model = tj["model"]
     if model.get("type") != "BPE" or not model.get("byte_fallback"):
         raise XvqError(f"{path}: tokenizer model {model.get('type')} without byte fallback is not supported; "
                        f"xvq converts SentencePiece-style BPE (XVERSE, LLaMA): use the model's original tokenizer")
@@ -308,9 +340,14 @@ def _tokenizer_config(model_dir: Path) -> dict:
     if not f.is_file():
         return {}
     try:
-        return json.loads(f.read_text(encoding="utf-8"))
+        cfg = json.loads(f.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise XvqError(f"{f}: not valid JSON ({e.msg} at line {e.lineno}); fix or remove the file") from e
+    except UnicodeDecodeError:
+        raise XvqError(f"{f}: not UTF-8 text (binary?); fix or remove the file") from None
+    if not isinstance(cfg, dict):
+        raise XvqError(f"{f}: not a JSON object; fix or remove the file")
+    return cfg
 
 
 def pad_vocab(v: Vocab, n_vocab: int, model_dir: Path) -> None:

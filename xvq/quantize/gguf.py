@@ -7,15 +7,16 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import gguf
 from tqdm import tqdm
 
 from xvq.errors import XvqError
 from xvq.fsio import atomic_output
+from xvq.identity import source_identity
 from xvq.llamacpp import QuantType, parse_ggml_type, parse_type, quantize_model, read_model_header, type_bpw
 from xvq.quantize.imatrix import Imatrix, compute_imatrix
+from xvq.stamps import Stamps, fingerprint
 
 # ----------------------------------------------------------------------------------------------
 # The source GGUF
@@ -111,51 +112,21 @@ def quantize_file(src: Path | str, out: Path | str, qtype: str | QuantType, *, i
 
 DEFAULT_CALIB_TOKENS = 65536   # = xvq.calib_data.DEFAULT_TOKENS: 128 chunks of 512
 
-# A step runner (xvq release's stamps): step(name, inputs, outputs, action) runs action() unless a
-# record of the same inputs exists and the outputs are there. Input values that are lists of
-# Paths are files whose identity counts; the runner decides how to fingerprint them.
-Step = Callable[[str, dict, list, Callable[[], object]], bool]
 
 
-def _run(step: Step | None, name: str, inputs: dict, outputs: list[Path], action, current) -> bool:
-    """With a step runner, it decides; without, `current()` says whether the output can be reused."""
-    if step is not None:
-        return step(name, inputs, outputs, action)
-    if current():
-        return False
-    action()
-    return True
-
-
-def f16_is_current(f16: Path, model_dir: Path) -> bool:
-    """The layout's f16 still belongs to the checkpoint (e.g. after `make gguf`'s convert step)."""
-    newest = max(p.stat().st_mtime for p in model_dir.iterdir() if p.is_file())
-    return f16.is_file() and f16.stat().st_mtime >= newest
-
-
-def _fits(path: Path, src_gguf: Path, log) -> bool:
-    if not path.is_file():
-        return False
-    try:
-        Imatrix.load(path).check_model(read_source(src_gguf).tensors, src_gguf)
-    except XvqError:
-        log(f"{path} does not fit this model; measuring a new one")
-        return False
-    log(f"reusing importance matrix {path}")
-    return True
-
-
-def source_gguf(source: Path, layout, *, step: Step | None = None, progress: bool = True) -> Path:
-    """A GGUF as given, or a model folder converted to the layout's f16 GGUF."""
+def source_gguf(source: Path, layout, stamps: Stamps | None = None, *, progress: bool = True) -> Path:
+    """A GGUF as given, or a model folder converted to the layout's f16 GGUF (reused while the
+    stamp says it was made from this checkpoint's content: `make gguf`, `xvq release` and
+    `xvq convert` into the layout share the "convert" stamp)."""
     from xvq.convert import convert
     if not source.is_dir():
         return source
     if not (source / "config.json").is_file():
         raise XvqError(f"{source}: a folder without config.json; give a Hugging Face model folder or a GGUF")
     f16 = layout.gguf("f16")
-    _run(step, "convert", {"model": [source]}, [f16], lambda: convert(source, f16, "f16", name=layout.name,
-                                                                       progress=progress),
-         lambda: f16_is_current(f16, source))
+    stamps = stamps or Stamps(layout.base / ".stamps")
+    stamps.run("convert", {"model": source_identity(source, stamps.cache)}, [f16],
+               lambda: convert(source, f16, "f16", name=layout.name, progress=progress))
     return f16
 
 
@@ -176,13 +147,16 @@ def make_ggufs(source: Path | str, qts: list[QuantType], layout, outs: list[Path
                imatrix: str | Path | None = "auto", calib_file: Path | None = None,
                calib_tokens: int = DEFAULT_CALIB_TOKENS, n_ctx: int = 512, n_threads: int = 0,
                output_tensor_type: str | None = None, token_embedding_type: str | None = None,
-               gpu_layers: str | int | None = "auto", step: Step | None = None, progress: bool = True,
-               log=print) -> list[Path]:
+               gpu_layers: str | int | None = "auto", stamps: Stamps | None = None, reuse_outputs: bool = False,
+               progress: bool = True, log=print) -> list[Path]:
     """A model folder is converted to the layout's f16 GGUF; an importance matrix is measured when
     some type gets one (QuantType.gets_imatrix) or read from --imatrix FILE; then one file per type,
-    all from the same source and imatrix."""
+    all from the same source and imatrix. Each step is stamped by the content of its inputs
+    (`stamps`, default the layout's): convert and imatrix are reused while their inputs are
+    unchanged, the quantized files too with `reuse_outputs` (xvq release)."""
     source = Path(source)
-    src = source_gguf(source, layout, step=step, progress=progress)
+    stamps = stamps or Stamps(layout.base / ".stamps")
+    src = source_gguf(source, layout, stamps, progress=progress)
     info = read_source(src)
     for qt in qts:   # fail before any work, not after the first type
         check_requantize(info, qt)
@@ -199,22 +173,25 @@ def make_ggufs(source: Path | str, qts: list[QuantType], layout, outs: list[Path
             measure_imatrix(src, target, calib_file=calib_file, calib_tokens=calib_tokens,
                             tokenizer_dir=source if source.is_dir() else None, n_ctx=n_ctx, n_threads=n_threads,
                             gpu_layers=gpu_layers, progress=progress, log=log)
-        calib_key = [Path(calib_file)] if calib_file else None
-        _run(step, "imatrix", {"gguf": [src], "calib_file": calib_key, "calib_tokens": calib_tokens, "ctx": n_ctx},
-             [target], measure, lambda: _fits(target, src, log))
+        inputs = {"gguf": fingerprint([src]), "calib_file": fingerprint([calib_file]) if calib_file else None,
+                  "calib_tokens": calib_tokens}
+        if not stamps.run("imatrix", inputs, [target], measure):
+            log(f"reusing importance matrix {target}")
         im = Imatrix.load(target)
         im.check_model(info.tensors, src)
     written = []
     for qt, out in tqdm(list(zip(qts, outs)), desc="quantize", unit="type", disable=not progress or len(qts) < 2):
         use = im if im is not None and qt.gets_imatrix(auto) else None
-        inputs = {"gguf": [src], "imatrix": [im.path] if use is not None else None, "type": qt.name,
-                  "output_tensor_type": output_tensor_type, "token_embedding_type": token_embedding_type}
+        inputs = {"gguf": fingerprint([src]), "imatrix": fingerprint([im.path]) if use is not None else None,
+                  "type": qt.name, "output_tensor_type": output_tensor_type,
+                  "token_embedding_type": token_embedding_type}
 
         def quantize_one(qt=qt, out=out, use=use):
             quantize_file(src, out, qt, imatrix=use, output_tensor_type=output_tensor_type,
                           token_embedding_type=token_embedding_type, n_threads=n_threads, progress=progress)
             log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB){' with imatrix' if use is not None else ''}")
-        _run(step, f"gguf-{qt.name.lower()}", inputs, [out], quantize_one, lambda: False)
+        (stamps if reuse_outputs else Stamps(stamps.folder, force=True)).run(f"gguf-{qt.name.lower()}", inputs, [out],
+                                                                          quantize_one)
         written.append(out)
     return written
 

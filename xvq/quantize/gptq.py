@@ -35,7 +35,7 @@ from typing import Callable, Iterable, Sequence
 from xvq.calib_data import calibration
 from xvq.checkpoint import read_config, weight_files
 from xvq.errors import XvqError
-from xvq.fsio import atomic_output
+from xvq.fsio import atomic_output, require_free, scratch_dir
 from xvq.models import family_for
 from xvq.models.base import Family
 from xvq.quantize import gptq_moe
@@ -420,8 +420,11 @@ def quantize_gptq(model_dir: Path | str, outdir: Path | str, settings: GptqSetti
 
     # Staged shards and GPTQModel's offload folder live beside the output (same disk the user chose,
     # hidden from Layout.gptqs()), not in /tmp, which may be small.
+    weights = sum(f.stat().st_size for f in weight_files(model_dir))   # offload + output (+ staging)
+    require_free(outdir.parent, int(weights * (1.05 + settings.bits / 16)) + (0 if has_safetensors(model_dir) else weights),
+                 f"GPTQ of {model_dir}")
     with atomic_output(outdir, is_dir=True) as tmp, \
-            tempfile.TemporaryDirectory(prefix=".xvq-gptq-work-", dir=outdir.parent) as work:
+            scratch_dir(outdir.parent, f"{outdir.name}.work") as work:   # swept if this run is killed
         work = Path(work)
         source = stage_as_safetensors(model_dir, work / "stage")
         cls = qmodel_class(family)

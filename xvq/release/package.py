@@ -12,7 +12,7 @@ import numpy as np
 
 from xvq.errors import XvqError
 from xvq.layout import is_first_gguf
-from xvq.release.stamps import sha256_file
+from xvq.stamps import sha256_file
 
 SUMS = "SHA256SUMS"
 MANIFEST = "manifest.json"

@@ -10,13 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from xvq.checkpoint import read_config
-from xvq.fsio import atomic_output
+from xvq.fsio import atomic_output, atomic_write_text, sweep_tree
+from xvq.identity import source_identity
 from xvq.layout import Layout, is_first_gguf
 from xvq.llamacpp import parse_size
 from xvq.models import family_for
 from xvq.release import card, package, publish
 from xvq.release.fit import fit_table
-from xvq.release.stamps import Stamps, fingerprint, sha256_file
+from xvq.stamps import Stamps, fingerprint, sha256_file
 
 # XVERSE's own released GGUF set, and its GPTQ Int4/Int8.
 DEFAULT_GGUF_TYPES = ("Q2_K", "Q3_K_M", "Q4_0", "Q4_K_M", "Q5_0", "Q5_K_M", "Q6_K", "Q8_0")
@@ -49,20 +50,12 @@ def tool_versions() -> dict:
 def model_hash(model_dir: Path) -> str:
     """sha256 over the checkpoint's weight files' own sha256s (cached beside the stamps by fingerprint)."""
     from xvq.checkpoint import weight_files
+    from xvq.identity import file_hash
     import hashlib
     h = hashlib.sha256()
     for f in weight_files(model_dir):
-        h.update(f"{f.name}:{sha256_file(f)}\n".encode())
+        h.update(f"{f.name}:{file_hash(f)}\n".encode())
     return h.hexdigest()
-
-
-def stamped(stamps: Stamps):
-    """The quantize stage's step runner over the release's stamps: file inputs fingerprinted."""
-    def step(name: str, inputs: dict, outputs: list, action) -> bool:
-        files = {k: fingerprint(v) if isinstance(v, list) and all(isinstance(p, Path) for p in v) else v
-                 for k, v in inputs.items()}
-        return stamps.run(name, files, outputs, action)
-    return step
 
 
 def build_ggufs(model_dir: Path, layout: Layout, types: list[str], stamps: Stamps, log,
@@ -72,7 +65,7 @@ def build_ggufs(model_dir: Path, layout: Layout, types: list[str], stamps: Stamp
     qts = [parse_type(t) for t in types]
     return make_ggufs(model_dir, qts, layout, [layout.gguf(q.name) for q in qts],
                       calib_tokens=calib_tokens or DEFAULT_CALIB_TOKENS, gpu_layers=gpu_layers,
-                      step=stamped(stamps), log=log)
+                      stamps=stamps, reuse_outputs=True, log=log)
 
 
 def build_gptqs(model_dir: Path, layout: Layout, bits: list[int], stamps: Stamps, src_fp,
@@ -176,6 +169,7 @@ def release(model_dir: Path | str, *, name: str | None = None, out_root: Path | 
     config = read_config(model_dir)
     family_for(config, str(model_dir / "config.json"))  # fail early on an unsupported model
     layout = Layout.for_model(model_dir, name, out_root)
+    sweep_tree(layout.base)                # partials of killed runs
     stamps = Stamps(layout.base / ".stamps", force)
     if verbose is None:
         return _release(model_dir, layout, stamps, gguf_types, gptq_bits, split_max_size, validate_options,
@@ -191,7 +185,7 @@ def release(model_dir: Path | str, *, name: str | None = None, out_root: Path | 
 
 def _release(model_dir: Path, layout: Layout, stamps, gguf_types, gptq_bits, split_max_size: str,
              validate_options: dict | None, calib_tokens: int | None, log) -> ReleaseResult:
-    src_fp = fingerprint([f for f in model_dir.iterdir() if f.is_file()])
+    src_fp = source_identity(model_dir, stamps.cache)   # by content: every step after a changed source reruns
     ggufs = build_ggufs(model_dir, layout, list(gguf_types), stamps, log, calib_tokens)
     gptqs = build_gptqs(model_dir, layout, list(gptq_bits), stamps, src_fp, calib_tokens)
     options = validate_options or {}
@@ -201,8 +195,7 @@ def _release(model_dir: Path, layout: Layout, stamps, gguf_types, gptq_bits, spl
     def pack():
         included, left_out = build_package(model_dir, layout, data, ggufs, gptqs, parse_size(split_max_size, "--split-max-size"),
                                            model_hash(model_dir), log)
-        summary.parent.mkdir(parents=True, exist_ok=True)
-        summary.write_text(json.dumps({"included": included, "left_out": left_out}))
+        atomic_write_text(summary, json.dumps({"included": included, "left_out": left_out}))
     stamps.run("package", {"report": fingerprint([layout.validate_dir / "report.json"]),
                            "artifacts": fingerprint(ggufs + gptqs), "split": split_max_size},
                [layout.release_dir / package.SUMS], pack)

@@ -38,6 +38,10 @@ def validate_cmd(reference, artifacts, text, heldout, ctx, max_tokens, report_di
     if not artifacts:
         where = f" (the layout {lay.base} holds none)" if layout else ""
         raise XvqError(f"nothing to validate{where}: name GGUF files / GPTQ folders, or --layout after building them")
+    missing = [a for a in artifacts if not Path(a).exists()]
+    if missing:   # before the reference pass, which takes minutes on a big model
+        raise XvqError(f"{missing[0]}: no such artifact; give an existing GGUF file or GPTQ folder "
+                       f"(or --layout for every one the layout holds)")
     if text is not None and heldout:
         raise XvqError("--text and --heldout exclude each other; give one")
     report = validate(reference, artifacts, text=text, heldout=text is None, ctx=ctx, max_tokens=max_tokens,

@@ -36,11 +36,13 @@ class Reference:
         return self.rows.slice(a, b)
 
 
-def identity(path: Path) -> str:
-    """Path plus sizes and mtimes of its files: a changed checkpoint gets a new cache entry."""
+def identity(path: Path, cache: Path | None = None) -> str:
+    """Path plus its files' contents (sha256, cached by xvq.identity): a changed checkpoint gets a
+    new cache entry even when its mtimes were kept."""
+    from xvq.identity import file_hash
     path = Path(path).resolve()
     files = sorted(path.iterdir()) if path.is_dir() else [path]
-    parts = [str(path)] + [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.is_file()]
+    parts = [str(path)] + [f"{f.name}:{file_hash(f, cache)}" for f in files if f.is_file()]
     return "|".join(parts)
 
 
@@ -97,7 +99,8 @@ def save(ref: Reference, path: Path) -> None:
 def reference_for(make_scorer, source: Path, windows: Windows, k: int, cache_dir: Path | None,
                   progress: bool = True) -> Reference:
     """Cached reference statistics; `make_scorer()` is only called on a cache miss."""
-    path = cache_dir / f"reference-{cache_key(identity(source), windows, k)}.npz" if cache_dir else None
+    path = (cache_dir / f"reference-{cache_key(identity(source, cache_dir / 'identity-cache.json'), windows, k)}.npz"
+            if cache_dir else None)
     if path is not None:
         hit = load_cached(path, str(source))
         if hit is not None:
@@ -109,4 +112,6 @@ def reference_for(make_scorer, source: Path, windows: Windows, k: int, cache_dir
         scorer.close()
     if path is not None:
         save(ref, path)
+        from xvq.identity import flush
+        flush()   # the reference checkpoint's hashes, beside the cache they key
     return ref
