@@ -507,3 +507,18 @@ def test_first_nonfinite_matches_numpy(dtype):
         raw = t.view(torch.int16).numpy().view(np.uint16) if dtype == "BF16" else t.numpy()
         ref = np.flatnonzero(~np.isfinite(t.float().numpy()))
         assert first_nonfinite(raw, dtype) == (int(ref[0]) if len(ref) else None)
+
+
+def test_gguf_carries_no_path_of_the_machine_that_built_it(tmp_path):
+    """Two builds of the demo model into different out roots give byte-identical GGUFs (the
+    imatrix keys hold names, not the builder's folders)."""
+    from xvq.cli import main
+    outs = []
+    for root in (tmp_path / "a" / "deep" / "root", tmp_path / "b"):
+        r = CliRunner().invoke(main, ["quantize", "gguf", str(DEMO), "--name", "Demo", "--out-root", str(root),
+                                      "--type", "Q4_K_M", "--calib-tokens", "4096", "--threads", "1"])
+        assert r.exit_code == 0, r.output
+        outs.append(root / "Demo" / "gguf" / "demo-q4_k_m.gguf")
+    data = [p.read_bytes() for p in outs]
+    assert data[0] == data[1]
+    assert str(tmp_path).encode() not in data[0] and b"quantize.imatrix.file" in data[0]
