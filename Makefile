@@ -65,7 +65,8 @@ release: setup
 
 # Speed and memory against llama.cpp's own tools, each a printed table with ratios (slow).
 bench: setup anchors
-	for b in convert quantize validate gptq gptq_moe delta tokenizer_parity identity; do $(BIN)/python bench/$$b.py || exit 1; done
+	for b in convert quantize validate gptq gptq_moe gptq_memory delta tokenizer_parity identity; do $(BIN)/python bench/$$b.py || exit 1; done
+	$(BIN)/python bench/scale.py --quick
 
 clean:
 	rm -rf $(OUT) .pytest_cache
