@@ -353,7 +353,7 @@ def quantize_file(src: Path | str, out: Path | str, qtype: str | QuantType, *, i
 # The `xvq quantize gguf` pipeline: source → (imatrix) → one file per type
 # ----------------------------------------------------------------------------------------------
 
-DEFAULT_CALIB_TOKENS = 65536   # = xvq.calib_data.DEFAULT_TOKENS: 128 chunks of 512
+DEFAULT_CALIB_TOKENS = 131072   # = xvq.calib_data.DEFAULT_TOKENS: 256 chunks of 512
 
 
 @dataclass
