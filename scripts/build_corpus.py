@@ -197,7 +197,7 @@ def rst_paragraphs(path: Path) -> list[str]:
             continue   # a heading
         text = " ".join(ln.strip() for ln in lines)
         text = re.sub(r"(?::[\w:+-]+:)?`+~?!?([^`<]*?)(?:\s*<[^>]*>)?`+_?_?", r"\1", text)
-        text = text.rstrip(":") + ("." if text.endswith("::") else "")
+        text = " ".join(text.rstrip(":").split()) + ("." if text.endswith("::") else "")
         if len(text) >= 80 and useful(text):
             out.append(text)
     return out
@@ -401,6 +401,9 @@ def write(train, heldout, sources):
         src["tokens"] = {split: {lang: n for lang in ALL_LANGS
                                  if (n := sum(r["tokens"] for r in recs if r["source"] == key and r["lang"] == lang))}
                          for split, recs in (("train", train), ("heldout", heldout))}
+    # pins that other sources made unnecessary (every language already at its cap) stay pinned
+    # for a rebuild but are not listed: nothing of them ships
+    sources = {k: v for k, v in sources.items() if v["tokens"]["train"] or v["tokens"]["heldout"]}
     manifest = {"tokenizer": "xverse-style-tokenizer (100k BPE)", "sources": sources}
     (OUT / "sources.json").write_text(json.dumps(manifest, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     write_sources_md(manifest)

@@ -92,6 +92,7 @@ def heldout_texts() -> dict[str, str]:
     calibration sample; every language has at least 1,100 tokens of an XVERSE-style tokenizer
     (two windows of 512)."""
     out: dict[str, list[str]] = {}
-    for r in records("heldout"):
+    held = records("heldout")
+    for r in [r for r in held if r["source"] != HAND_WRITTEN] + [r for r in held if r["source"] == HAND_WRITTEN]:
         out.setdefault(r["lang"], []).append(r["text"])
     return {lang: "\n\n".join(texts) for lang, texts in out.items()}

@@ -75,9 +75,9 @@ def sample(budget_tokens: int = DEFAULT_TOKENS, seed: int = 0, tokenizer_dir: Pa
         pools[rec["lang"]].append(rec)
     for rec in load_extra_files(extra_files):
         pools.setdefault(rec["lang"], []).append(rec)
-    for pool in pools.values():
-        for rec in pool:
-            rec["tokens"] = counter.count(rec["text"])
+    every = [rec for pool in pools.values() for rec in pool]
+    for rec, n in zip(every, counter.count_many([rec["text"] for rec in every])):
+        rec["tokens"] = n
 
     chosen: list[dict] = []
     stats: list[LangStat] = []
