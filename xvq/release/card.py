@@ -1,6 +1,7 @@
 """Model cards (README.md with Hugging Face card metadata) and the Ollama Modelfile."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from xvq.models import Family
@@ -77,13 +78,27 @@ xvq (any platform): `xvq run {recommended} -p "Hello"`
 {license_section(fam)}"""
 
 
+def moe_calibration_line(folder: Path) -> str:
+    """For an MoE model: how many experts the calibration text starved (quantize_config.json's
+    xvq_expert_calibration, written by xvq.quantize.gptq_moe); empty for a dense model."""
+    try:
+        rec = json.loads((folder / "quantize_config.json").read_text(encoding="utf-8")).get("xvq_expert_calibration")
+    except (OSError, ValueError):
+        return ""
+    if not rec or not rec.get("n_experts"):
+        return ""
+    return (f"\nMoE calibration: {rec['n_forced']} of {rec['n_experts']} routed experts "
+            f"({100 * rec['forced_share']:.1f} %) were routed fewer than {rec['min_tokens']} calibration tokens "
+            f"and were calibrated on every token instead; per-expert routed tokens are in quantize_config.json.\n")
+
+
 def gptq_card(fam: Family, name: str, base_model: str, folder: Path, bits: int, report_md: str,
               plot_name: str | None) -> str:
     return front_matter(fam, base_model, ["gptq", f"{bits}bit", "quantized", "xvq"]) + f"""# {folder.name}
 
 {bits}-bit GPTQ of [{base_model}](https://huggingface.co/{base_model}), calibrated on a multilingual set
 (xvq, GPTQModel backend; format `gptq` v1, loadable by transformers, GPTQModel and vLLM).
-
+{moe_calibration_line(folder)}
 {validation_section(report_md, plot_name)}
 ## How to run
 
