@@ -85,6 +85,30 @@ def gptq_out(tiny_moe, calibration):
     return out, result
 
 
+@pytest.mark.slow
+def test_default_budget_routes_every_expert(tiny_moe, reference):
+    """At GPTQ's default budget (131,072 tokens of the calibration mix, sampled for the model's
+    tokenizer) every expert of the tiny MoE is routed at least its input width of tokens (the
+    default minimum), so none falls back to the forced pass; the counts are the HF model's own
+    routing, printed per expert."""
+    from transformers import AutoTokenizer
+    from xvq.models import family_for
+    from xvq.quantize.gptq import GptqSettings, calibration_sequences, calibration_texts
+    from xvq.quantize.gptq_moe import min_expert_tokens
+    budget, seq = GptqSettings().calib_tokens, 2048
+    assert budget == 131072
+    texts = calibration_texts(tiny_moe, budget, 0)
+    seqs = calibration_sequences(AutoTokenizer.from_pretrained(tiny_moe), texts, budget, seq, 0)
+    n_tokens = sum(len(s["input_ids"]) for s in seqs)
+    assert n_tokens >= 0.97 * budget
+    counts = routed_counts(reference, [s["input_ids"] for s in seqs])
+    fam = family_for(json.loads((tiny_moe / "config.json").read_text()))
+    need = min_expert_tokens(n_tokens, None, fam.hp.n_embd)
+    print(f"\n{n_tokens} calibration tokens; routed per expert (min {need}): {counts.tolist()}")
+    assert (counts.sum(1) == n_tokens * reference.config.moe_top_k).all()
+    assert (counts >= need).all(), counts
+
+
 # ---------------------------------------------------------------- imatrix per expert
 
 def test_per_expert_imatrix_matches_llama_imatrix_and_torch_routing(tiny_moe, reference, tmp_path):
@@ -199,6 +223,10 @@ def test_every_expert_quantized_and_starved_experts_forced(gptq_out, calibration
     assert (routed.sum(1) == n_tokens * reference.config.moe_top_k).all()
     assert forced == {f"layer.{i}.expert.{e}" for i in range(n_layer) for e in range(n_expert) if routed[i, e] < min_tokens}
     assert 0 < len(forced) < n_layer * n_expert
+    assert rec["n_experts"] == n_layer * n_expert and rec["n_forced"] == len(forced)
+    assert rec["forced_share"] == pytest.approx(len(forced) / (n_layer * n_expert))
+    from xvq.release.card import moe_calibration_line
+    assert f"{len(forced)} of {n_layer * n_expert} routed experts" in moe_calibration_line(out)
     # routing while calibrating (quantized attention, earlier layers quantized) ~ full precision
     assert np.abs(routed - fp_counts).sum() <= 0.1 * routed.sum()
 

@@ -204,10 +204,12 @@ def test_corrupted_cjk_rows_fail_chinese_only(tiny_xverse, xverse_ggufs, tmp_pat
 
 def test_demo_model_heldout_cjk_corruption(tmp_path):
     """The trained multilingual demo model on the calibration set's held-out split: scrambling CJK
-    embedding rows leaves English untouched and breaks Chinese, per language."""
+    embedding rows leaves English untouched and breaks Chinese, per language; Thai, which the
+    demo model does not know (competence rule), is reported but not gated."""
     if not (DEMO / "config.json").is_file():
         pytest.skip("the demo model (xvq/demo/model) is not built")
     pytest.importorskip("xvq.calib_data")
+    from xvq.calib_data import heldout_texts
     clean = convert(DEMO, tmp_path / "demo-f32.gguf", "f32", progress=False)[0]
     ids = cjk_token_ids(DEMO)
 
@@ -215,16 +217,65 @@ def test_demo_model_heldout_cjk_corruption(tmp_path):
         emb[ids] = -emb[ids][np.random.RandomState(0).permutation(len(ids))]
     broken = tmp_path / "demo-cjk-broken.gguf"
     rewrite_tensor(clean, broken, "token_embd.weight", scramble)
-    report = validate(DEMO, [clean, broken], heldout=True, ctx=128, max_tokens=384, report_dir=tmp_path / "rep",
-                      thresholds={"max_token_mismatch": 1.0}, progress=False)
+    ht = heldout_texts()
+    ht["en"] = ht["en"].encode("ascii", "ignore").decode()     # no byte tokens: the scramble hits those too
+    report = validate(DEMO, [clean, broken], text={k: ht[k] for k in ("en", "zh", "th")}, ctx=512,
+                      max_tokens=4096, report_dir=tmp_path / "rep", thresholds={"max_token_mismatch": 1.0},
+                      progress=False)
+    comp = {k: v["competence"] for k, v in report.data["reference"]["per_language"].items()}
+    assert comp["en"]["competent"] and comp["zh"]["competent"] and not comp["th"]["competent"], comp
     c, b = report.entry(clean), report.entry(broken)
-    assert {"en", "zh", "code"} <= set(c["per_language"])
-    assert any(m is None for m in c["per_language"].values())      # short held-out languages: n/a
     assert c["passed"], c["reasons"]
-    en, zh = b["per_language"]["en"], b["per_language"]["zh"]
+    en, zh, th = (b["per_language"][k] for k in ("en", "zh", "th"))
     assert en["passed"] and en["ppl_ratio"] == pytest.approx(1.0, abs=1e-3)
     assert not zh["passed"] and zh["ppl_ratio"] > 2 and zh["kld_mean"] > 0.5
     assert not b["passed"] and any(r.startswith("zh:") for r in b["reasons"])
+    assert th["competent"] is False and th["passed"] and th["ppl_ratio"] is not None
+    assert not any(r.startswith("th:") for r in b["reasons"])
+    assert report.data["settings"]["headline_languages"] == ["en", "zh"]
+
+
+def test_competence_rule_by_hand():
+    """The unigram baseline and the ratio, computed here with Counter and math.log."""
+    import math
+    from collections import Counter
+    from xvq.validate.competence import COMPETENCE_RATIO, measure, unigram_nll
+    rng = np.random.RandomState(0)
+    tokens = rng.randint(0, 50, size=(3, 16))
+    targets = tokens[:, 9:]
+    freq = Counter(tokens.ravel().tolist())
+    n = tokens.size
+    by_hand = -sum(math.log(freq[t] / n) for t in targets.ravel().tolist()) / targets.size
+    assert unigram_nll(tokens, targets) == pytest.approx(by_hand, rel=1e-12)
+    good = measure(tokens, targets, np.full(targets.size, 0.5 * by_hand))
+    assert good["competent"] and good["ratio"] == pytest.approx(0.5)
+    assert good["unigram_bits_per_token"] == pytest.approx(by_hand / math.log(2))
+    same = measure(tokens, targets, np.full(targets.size, by_hand))
+    assert not same["competent"] and COMPETENCE_RATIO == 1.0      # no better than frequencies: not competent
+
+
+def test_english_only_model_is_gated_on_english_only(stories, tmp_path):
+    """stories260K knows English only: on the 41-language held-out split the rule finds English
+    competent and every other language not; a Q8_0 passes, a broken layer fails on English,
+    and the headline means are English's."""
+    from xvq.calib_data import ALL_LANGS
+    model, f32, q8, _, zeroed = stories
+    report = validate(model, [q8, zeroed], heldout=True, ctx=256, max_tokens=512, report_dir=tmp_path / "rep",
+                      progress=False)
+    langs = report.data["reference"]["per_language"]
+    assert set(langs) == set(ALL_LANGS)
+    comp = {k: v["competence"] for k, v in langs.items()}
+    assert all(c is not None for c in comp.values())                 # every language has two windows
+    assert [k for k, c in comp.items() if c["competent"]] == ["en"], comp
+    assert comp["en"]["ratio"] < 0.95 and min(c["ratio"] for k, c in comp.items() if k != "en") > 1.2
+    q, z = report.entry(q8), report.entry(zeroed)
+    assert q["passed"], q["reasons"]
+    assert set(q["per_language"]) == set(ALL_LANGS) and all(m is not None for m in q["per_language"].values())
+    assert q["perplexity"] == pytest.approx(q["per_language"]["en"]["perplexity"])
+    assert not z["passed"] and any(r.startswith("en:") for r in z["reasons"])
+    assert not any(r.split(":")[0] in ALL_LANGS and not r.startswith("en:") for r in z["reasons"])
+    md = (tmp_path / "rep" / "report.md").read_text(encoding="utf-8")
+    assert "| de (not competent) |" in md and "Not competent" in md
 
 
 # --- bad input and the CLI gate ---------------------------------------------------------------

@@ -1,11 +1,13 @@
 """`xvq calib show` / `xvq calib export`."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
 
 from xvq.calib_data.sample import DEFAULT_TOKENS
+from xvq.errors import XvqError
 
 LANGUAGE_NAMES = {
     "en": "English", "zh": "Chinese", "ja": "Japanese", "ru": "Russian", "de": "German",
@@ -45,9 +47,13 @@ def calib_group():
 
 @calib_group.command("show")
 @calib_options
-def show_cmd(tokenizer_dir, calib_tokens, seed, calib_files):
+@click.option("--json", "as_json", is_flag=True, help="Print the numbers as JSON (sample and held-out per language).")
+def show_cmd(tokenizer_dir, calib_tokens, seed, calib_files, as_json):
     """One line per language: target share, actual share, tokens, shortfall."""
     s = _sample(tokenizer_dir, calib_tokens, seed, calib_files)
+    if as_json:
+        click.echo(json.dumps(_show_json(s, tokenizer_dir), ensure_ascii=False, indent=1))
+        return
     click.echo(f"{s.dataset_name}  budget {s.budget_tokens} tokens ({s.counter}), sampled {s.total_tokens}")
     click.echo(f"{'lang':<6}{'language':<12}{'target':>8}{'actual':>8}{'tokens':>9}{'shortfall':>11}")
     for st in s.per_language:
@@ -60,13 +66,50 @@ def show_cmd(tokenizer_dir, calib_tokens, seed, calib_files):
                    "add text with --calib-file or lower --calib-tokens")
 
 
+def _show_json(s, tokenizer_dir) -> dict:
+    from xvq.calib_data.corpus import records
+    from xvq.calib_data.tokens import TokenCounter
+    counter = TokenCounter(tokenizer_dir)
+    held: dict[str, int] = {}
+    for r in records("heldout"):
+        held[r["lang"]] = held.get(r["lang"], 0) + counter.count(r["text"])
+    return {"dataset": s.dataset_name, "budget_tokens": s.budget_tokens, "counter": s.counter,
+            "sampled_tokens": s.total_tokens, "seed": s.seed, "extra_files": s.extra_files,
+            "languages": [{"lang": st.lang, "language": LANGUAGE_NAMES.get(st.lang, st.lang),
+                           "target_share": st.target_share, "actual_share": s.actual_share(st.lang),
+                           "target_tokens": st.target_tokens, "tokens": st.tokens, "available": st.available,
+                           "records": st.records, "shortfall": st.shortfall, "heldout_tokens": held.get(st.lang, 0)}
+                          for st in s.per_language]}
+
+
 @calib_group.command("export")
 @click.argument("file", type=click.Path(path_type=Path))
 @calib_options
-def export_cmd(file, tokenizer_dir, calib_tokens, seed, calib_files):
-    """Write the sampled calibration text to FILE (input for llama-imatrix)."""
+@click.option("--split", type=click.Choice(["train", "heldout"]), default="train", show_default=True,
+              help="train: the calibration sample at --calib-tokens; heldout: the whole held-out split.")
+@click.option("--format", "fmt", type=click.Choice(["txt", "jsonl"]), default="txt", show_default=True,
+              help='txt: paragraphs separated by blank lines; jsonl: one {"lang": ..., "text": ...} per line.')
+def export_cmd(file, tokenizer_dir, calib_tokens, seed, calib_files, split, fmt):
+    """Write the calibration sample (input for llama-imatrix) or the held-out split to FILE."""
     from xvq.fsio import atomic_output
-    s = _sample(tokenizer_dir, calib_tokens, seed, calib_files)
+    if split == "heldout":
+        if calib_files:
+            raise XvqError("--calib-file adds calibration text; it is never held out: drop it or use --split train")
+        recs, what = _heldout_records(tokenizer_dir), "held-out split"
+    else:
+        s = _sample(tokenizer_dir, calib_tokens, seed, calib_files)
+        recs, what = s.records, s.dataset_name
     with atomic_output(file) as tmp:
-        tmp.write_text(s.text + "\n", encoding="utf-8")
-    click.echo(f"wrote {file} ({s.dataset_name}: {s.total_tokens} tokens, {len(s.records)} paragraphs)")
+        if fmt == "jsonl":
+            tmp.write_text("".join(json.dumps({"lang": r["lang"], "text": r["text"]}, ensure_ascii=False) + "\n"
+                                   for r in recs), encoding="utf-8")
+        else:
+            tmp.write_text("\n\n".join(r["text"] for r in recs) + "\n", encoding="utf-8")
+    click.echo(f"wrote {file} ({what}: {sum(r['tokens'] for r in recs)} tokens, {len(recs)} paragraphs)")
+
+
+def _heldout_records(tokenizer_dir) -> list[dict]:
+    from xvq.calib_data.corpus import records
+    from xvq.calib_data.tokens import TokenCounter
+    counter = TokenCounter(tokenizer_dir)
+    return [{**r, "tokens": counter.count(r["text"])} for r in records("heldout")]

@@ -1,16 +1,21 @@
-"""The built-in multilingual text: original paragraphs written for xvq (no downloaded data),
-one JSONL file per language in `data/`, one record per paragraph:
-`{"lang": "de", "text": "..."}`, code as `{"lang": "code", "code_lang": "rust", "text": "..."}`.
+"""The built-in multilingual text, in XVERSE's 41 languages plus code, in two kinds:
 
-Every record belongs to exactly one split, decided by a hash of its text alone (so the split of
-a paragraph never changes when others are added): "heldout" (about 18 %, scored per language by
-`xvq validate`, never used for calibration) or "train" (what the calibration sample draws from).
+- hand-written paragraphs (`data/<lang>.jsonl`, original text written for xvq), whose split is
+  decided by a hash of their text alone (so it never changes when others are added);
+- real licensed text (`data/train.jsonl.xz`, `data/heldout.jsonl.xz`, built by
+  scripts/build_corpus.py from pinned package versions; `data/sources.json` lists every source,
+  version, licence, sha256 and the tokens it gives), whose split is the file it is in: held-out
+  is the Universal Declaration of Human Rights (the same articles in every language, so
+  per-language numbers compare) and two stdlib modules for code, never sampled for calibration.
+
+Records: `{"lang": "de", "text": "...", "source": "..."}`, code also has "code_lang".
 """
 from __future__ import annotations
 
 import functools
 import hashlib
 import json
+import lzma
 from importlib import resources
 from typing import Iterator
 
@@ -24,6 +29,7 @@ ALL_LANGS = (*LANGUAGES, CODE)
 
 HELDOUT_FRACTION = 0.18
 SPLITS = ("train", "heldout", "all")
+HAND_WRITTEN = "hand-written"
 
 
 def text_hash01(text: str) -> float:
@@ -33,19 +39,29 @@ def text_hash01(text: str) -> float:
 
 @functools.lru_cache(maxsize=1)
 def _all_records() -> tuple[dict, ...]:
-    """Every built-in record, each tagged with its split, in language order then file order."""
+    """Every built-in record, each tagged with its split: hand-written ones in language order,
+    then the shipped train and held-out files in their order."""
     data = resources.files("xvq.calib_data") / "data"
     out: list[dict] = []
     for lang in ALL_LANGS:
         lines = (data / f"{lang}.jsonl").read_text(encoding="utf-8").splitlines()
         recs = [json.loads(line) for line in lines if line.strip()]
         for rec, split in zip(recs, _split_of(recs)):
-            out.append({**rec, "split": split})
+            out.append({**rec, "source": HAND_WRITTEN, "split": split})
+    for split in ("train", "heldout"):
+        with lzma.open(data / f"{split}.jsonl.xz", "rt", encoding="utf-8") as f:
+            out += [{**json.loads(line), "split": split} for line in f if line.strip()]
     return tuple(out)
 
 
+def sources() -> dict:
+    """The shipped corpus's provenance (data/sources.json): source id -> registry, name,
+    version, licence, sha256 of the archive, and tokens per split and language."""
+    return json.loads((resources.files("xvq.calib_data") / "data" / "sources.json").read_text(encoding="utf-8"))
+
+
 def _split_of(recs: list[dict]) -> list[str]:
-    """Held-out: records whose text hashes below HELDOUT_FRACTION; a language with at least
+    """Hand-written records: held-out when their text hashes below HELDOUT_FRACTION; a language with at least
     three records where none does gives up its lowest-hash record, so every language can be
     scored."""
     h = [text_hash01(r["text"]) for r in recs]
@@ -72,10 +88,11 @@ def corpus_texts(split: str = "train") -> Iterator[str]:
 
 def heldout_texts() -> dict[str, str]:
     """lang -> the held-out text of that language (paragraphs joined by blank lines), "code"
-    for code. None of it is ever in a calibration sample. Small languages may have only one
-    short paragraph here; `xvq validate` reports a language n/a when its held-out text is too
-    short for two evaluation windows."""
+    for code: the UDHR articles first, then hand-written paragraphs. None of it is ever in a
+    calibration sample; every language has at least 1,100 tokens of an XVERSE-style tokenizer
+    (two windows of 512)."""
     out: dict[str, list[str]] = {}
-    for r in records("heldout"):
+    held = records("heldout")
+    for r in [r for r in held if r["source"] != HAND_WRITTEN] + [r for r in held if r["source"] == HAND_WRITTEN]:
         out.setdefault(r["lang"], []).append(r["text"])
     return {lang: "\n\n".join(texts) for lang, texts in out.items()}

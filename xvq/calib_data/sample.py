@@ -16,8 +16,8 @@ from xvq.calib_data.shares import target_shares
 from xvq.calib_data.tokens import TokenCounter
 from xvq.errors import XvqError
 
-DATASET_VERSION = "xvq-calib-v1"
-DEFAULT_TOKENS = 65536
+DATASET_VERSION = "xvq-calib-v2"
+DEFAULT_TOKENS = 131072   # imatrix and GPTQ default; the train split fills 524,288 at the shares
 USER = "user"
 MIN_PARTIAL_TOKENS = 8   # below this a cut paragraph is noise, not text
 
@@ -72,12 +72,12 @@ def sample(budget_tokens: int = DEFAULT_TOKENS, seed: int = 0, tokenizer_dir: Pa
     extra_files = [Path(p) for p in extra_files]
     pools: dict[str, list[dict]] = {lang: [] for lang in ALL_LANGS}
     for rec in records("train"):
-        pools[rec["lang"]].append({**rec, "source": "built-in"})
+        pools[rec["lang"]].append(rec)
     for rec in load_extra_files(extra_files):
         pools.setdefault(rec["lang"], []).append(rec)
-    for pool in pools.values():
-        for rec in pool:
-            rec["tokens"] = counter.count(rec["text"])
+    every = [rec for pool in pools.values() for rec in pool]
+    for rec, n in zip(every, counter.count_many([rec["text"] for rec in every])):
+        rec["tokens"] = n
 
     chosen: list[dict] = []
     stats: list[LangStat] = []

@@ -36,6 +36,11 @@ def estimate_tokens(text: str) -> int:
     return cjk + math.ceil(ascii_chars / 4 + other / 2)
 
 
+# (tokenizer file identity) -> {text: count}: the built-in corpus is counted once per process,
+# not once per sample (a 100k-vocabulary BPE takes seconds over the whole train split).
+_COUNTS: dict[str, dict[str, int]] = {}
+
+
 class TokenCounter:
     """count(text) -> tokens. `name` says which counter it is (for reports and dataset names)."""
 
@@ -43,9 +48,31 @@ class TokenCounter:
         self.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else None
         self._encode = estimate_tokens if self.tokenizer_dir is None else _load_encoder(self.tokenizer_dir)
         self.name = "estimate" if self.tokenizer_dir is None else self.tokenizer_dir.name
+        self._memo = _COUNTS.setdefault(_identity(self.tokenizer_dir), {})
 
     def count(self, text: str) -> int:
-        return self._encode(text) if text else 0
+        if not text:
+            return 0
+        n = self._memo.get(text)
+        if n is None:
+            n = self._memo[text] = self._encode(text)
+        return n
+
+    def count_many(self, texts: list[str]) -> list[int]:
+        """Counts of many texts, the new ones encoded as one batch (parallel in `tokenizers`)."""
+        new = list({t for t in texts if t and t not in self._memo})
+        batch = getattr(self._encode, "batch", None)
+        if new and batch is not None:
+            self._memo.update(zip(new, batch(new)))
+        return [self.count(t) for t in texts]
+
+
+def _identity(folder: Path | None) -> str:
+    """The tokenizer files' path, size and mtime: a changed tokenizer is counted afresh."""
+    if folder is None:
+        return "estimate"
+    files = [folder] if folder.is_file() else sorted(p for p in folder.glob("tokenizer*") if p.is_file())
+    return "|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
 
 
 def _load_encoder(folder: Path):
@@ -58,7 +85,10 @@ def _load_encoder(folder: Path):
             tok = Tokenizer.from_file(str(tokenizer_json))
         except Exception as e:
             raise XvqError(f"{tokenizer_json}: cannot be read as a tokenizer ({e}); pass a valid tokenizer folder") from e
-        return lambda text: len(tok.encode(text, add_special_tokens=False).ids)
+        def encode(text: str) -> int:
+            return len(tok.encode(text, add_special_tokens=False).ids)
+        encode.batch = lambda texts: [len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False)]
+        return encode
     if not folder.is_dir():
         raise XvqError(f"{folder}: tokenizer folder not found; pass --tokenizer a folder with tokenizer.json or tokenizer.model")
     if (folder / "tokenizer.model").is_file():

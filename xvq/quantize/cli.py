@@ -30,7 +30,7 @@ def quantize_group():
 @click.option("--out-root", type=click.Path(path_type=Path), default=None, help="Layout root (default: out).")
 @click.option("--calib-file", type=click.Path(path_type=Path), default=None,
               help="Measure the imatrix on this text instead of xvq's calibration set.")
-@click.option("--calib-tokens", type=int, default=None, help="Calibration budget in tokens (default 65536).")
+@click.option("--calib-tokens", type=int, default=None, help="Calibration budget in tokens (default 131072).")
 @click.option("--ctx", "n_ctx", type=int, default=512, show_default=True, help="imatrix chunk size in tokens.")
 @click.option("--threads", type=int, default=0, help="Threads (default: all cores).")
 @click.option("--gpu-layers", default="auto", show_default=True, help=GPU_LAYERS_HELP)
@@ -54,7 +54,7 @@ def gguf_cmd(source, types, imatrix, outdir, outfile, output_tensor_type, token_
 @click.option("--name", default=None, help="Model name for the layout.")
 @click.option("--out-root", type=click.Path(path_type=Path), default=None, help="Layout root (default: out).")
 @click.option("--calib-file", type=click.Path(path_type=Path), default=None, help="Text to measure on.")
-@click.option("--calib-tokens", type=int, default=None, help="Calibration budget in tokens (default 65536).")
+@click.option("--calib-tokens", type=int, default=None, help="Calibration budget in tokens (default 131072).")
 @click.option("--ctx", "n_ctx", type=int, default=512, show_default=True, help="Chunk size in tokens.")
 @click.option("--threads", type=int, default=0, help="Threads (default: all cores).")
 @click.option("--gpu-layers", default="auto", show_default=True, help=GPU_LAYERS_HELP)

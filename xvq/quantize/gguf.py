@@ -11,6 +11,7 @@ from pathlib import Path
 import gguf
 from tqdm import tqdm
 
+from xvq.calib_data import DEFAULT_TOKENS as DEFAULT_CALIB_TOKENS
 from xvq.errors import XvqError
 from xvq.fsio import atomic_output
 from xvq.identity import source_identity
@@ -110,7 +111,6 @@ def quantize_file(src: Path | str, out: Path | str, qtype: str | QuantType, *, i
 # convert → imatrix → quantize: `xvq quantize gguf` and `xvq release`
 # ----------------------------------------------------------------------------------------------
 
-DEFAULT_CALIB_TOKENS = 65536   # = xvq.calib_data.DEFAULT_TOKENS: 128 chunks of 512
 
 
 

@@ -20,7 +20,8 @@ ExpertsRoutingOverride changes top-k, hence the layer output the next layers cal
 quantize_config.json (and config.json's quantization_config) record, per expert, the tokens
 routed to it in the replay that calibrated it and whether it was forced:
 
-    "xvq_expert_calibration": {"min_tokens": 2560, "experts": {"layer.N.expert.M":
+    "xvq_expert_calibration": {"min_tokens": 2560, "n_experts": 64 x layers, "n_forced": k,
+                               "forced_share": k / n_experts, "experts": {"layer.N.expert.M":
                                {"routed_tokens": n, "forced": false}, ...}}
 
 The model's MoE block cooperates through an attribute `calibration_hook` (the class's None outside
@@ -161,7 +162,9 @@ class ExpertCalibration:
             for e in sorted(st.routed):
                 experts[f"layer.{layer}.expert.{e}"] = {"routed_tokens": int(st.routed[e]),
                                                         "forced": bool(st.forced.get(e, False))}
-        return {"min_tokens": self.min_tokens, "experts": experts}
+        n_forced = sum(v["forced"] for v in experts.values())
+        return {"min_tokens": self.min_tokens, "n_experts": len(experts), "n_forced": n_forced,
+                "forced_share": n_forced / len(experts) if experts else 0.0, "experts": experts}
 
     def forced_experts(self) -> list[str]:
         return [k for k, v in self.record()["experts"].items() if v["forced"]]

@@ -131,13 +131,27 @@ def gptq_how_to_run(folder: Path) -> str:
     return "\n".join(lines)
 
 
+def moe_calibration_line(folder: Path) -> str:
+    """For an MoE model: how many experts the calibration text starved (quantize_config.json's
+    xvq_expert_calibration, written by xvq.quantize.gptq_moe); empty for a dense model."""
+    try:
+        rec = json.loads((folder / "quantize_config.json").read_text(encoding="utf-8")).get("xvq_expert_calibration")
+    except (OSError, ValueError):
+        return ""
+    if not rec or not rec.get("n_experts"):
+        return ""
+    return (f"\nMoE calibration: {rec['n_forced']} of {rec['n_experts']} routed experts "
+            f"({100 * rec['forced_share']:.1f} %) were routed fewer than {rec['min_tokens']} calibration tokens "
+            f"and were calibrated on every token instead; per-expert routed tokens are in quantize_config.json.\n")
+
+
 def gptq_card(fam: Family, name: str, base_model: str, folder: Path, bits: int, report_md: str,
               plot_name: str | None) -> str:
     return front_matter(fam, base_model, ["gptq", f"{bits}bit", "quantized", "xvq"]) + f"""# {folder.name}
 
 {bits}-bit GPTQ of [{base_model}](https://huggingface.co/{base_model}), calibrated on a multilingual set
 (xvq, GPTQModel backend; format `gptq` v1).
-
+{moe_calibration_line(folder)}
 {validation_section(report_md, plot_name)}
 {gptq_how_to_run(folder)}
 {license_section(fam)}"""

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from xvq.errors import XvqError
 from xvq.validate import artifacts as arts
+from xvq.validate import competence as comp_rule
 from xvq.validate import gate
 from xvq.llamacpp import default_threads
 from xvq.validate.backends import GgufScorer, HfScorer, reference_dtype, torch_device
@@ -164,7 +165,10 @@ def summarize(nll, kld, top1, ref_nll) -> dict:
     }
 
 
-def per_language(windows: Windows, ref: Reference, nll, kld, top1, t: gate.Thresholds) -> dict:
+def per_language(windows: Windows, ref: Reference, nll, kld, top1, t: gate.Thresholds,
+                 competent: dict[str, bool] | None = None) -> dict:
+    """Numbers per language; a language the reference is not competent on keeps its numbers
+    and reasons but `passed` stays true (it is not gated)."""
     out = {}
     for lang, (wa, wb) in windows.spans.items():
         if wb - wa < MIN_LANGUAGE_WINDOWS:
@@ -173,10 +177,33 @@ def per_language(windows: Windows, ref: Reference, nll, kld, top1, t: gate.Thres
         a, b = windows.position_span(lang)
         m = summarize(nll[a:b], kld[a:b], top1[a:b], ref.rows.nll[a:b])
         m["n_windows"] = wb - wa
+        m["competent"] = (competent or {}).get(lang, True)
         m["reasons"] = gate.judge(m, t)
-        m["passed"] = not m["reasons"]
+        m["passed"] = not m["reasons"] or not m["competent"]
         out[lang] = m
     return out
+
+
+def language_competence(windows: Windows, ref: Reference) -> dict[str, dict | None]:
+    """lang -> the competence rule's numbers for the reference (None: too few windows)."""
+    out = {}
+    targets = windows.targets()
+    for lang, (wa, wb) in windows.spans.items():
+        if wb - wa < MIN_LANGUAGE_WINDOWS:
+            out[lang] = None
+            continue
+        a, b = windows.position_span(lang)
+        out[lang] = comp_rule.measure(windows.tokens[wa:wb], targets[wa:wb], ref.rows.nll[a:b])
+    return out
+
+
+def headline_positions(windows: Windows, competent: dict[str, bool]) -> np.ndarray | None:
+    """Scored positions of the languages the headline means cover: those the reference is
+    competent on. None (all positions) for a single text, or when it is competent on none."""
+    langs = [lang for lang, ok in competent.items() if ok]
+    if len(windows.spans) <= 1 or not langs or len(langs) == len(windows.spans):
+        return None
+    return np.concatenate([np.arange(*windows.position_span(lang)) for lang in langs])
 
 
 def blank_entry(info: arts.ArtifactInfo) -> dict:
@@ -189,7 +216,7 @@ def blank_entry(info: arts.ArtifactInfo) -> dict:
 
 def evaluate_artifact(info: arts.ArtifactInfo, *, windows: Windows, ref: Reference | None, ref_tok,
                       reference_dir: Path, samples: list[str], overrides: dict, n_threads: int | None,
-                      progress: bool, input_problem: str | None) -> dict:
+                      progress: bool, input_problem: str | None, competent: dict[str, bool] | None = None) -> dict:
     e = blank_entry(info)
     t = gate.thresholds_for(info.quant_type, overrides)
     e["thresholds"] = t.as_dict()
@@ -223,18 +250,20 @@ def evaluate_artifact(info: arts.ArtifactInfo, *, windows: Windows, ref: Referen
         nll, kld, top1, kld_full, seconds = score(scorer, windows, ref, info.path.name, progress, n_threads)
     finally:
         scorer.close()
-    e |= summarize(nll, kld, top1, ref.rows.nll)
+    keep = headline_positions(windows, competent or {})
+    e |= summarize(nll, kld, top1, ref.rows.nll) if keep is None else \
+        summarize(nll[keep], kld[keep], top1[keep], ref.rows.nll[keep])
     e.pop("reference_perplexity")
     e["seconds"] = seconds
     e["tokens_per_second"] = windows.n_windows * windows.ctx / seconds if seconds else None
     e["kld_check"] = {"n_positions": int(kld_full.size), "top_k": ref.k,
                       "kld_topk": float(kld[:kld_full.size].mean()) if kld_full.size else None,
                       "kld_full": float(kld_full.mean()) if kld_full.size else None}
-    e["per_language"] = per_language(windows, ref, nll, kld, top1, t)
+    e["per_language"] = per_language(windows, ref, nll, kld, top1, t, competent)
     reasons = gate.judge(e, t)
     if len(e["per_language"]) > 1:      # one text alone: its numbers are the overall ones
         for lang, m in e["per_language"].items():
-            if m and not m["passed"]:
+            if m and not m["passed"]:   # only languages the reference is competent on fail
                 reasons += [f"{lang}: {r}" for r in m["reasons"]]
     e["reasons"], e["passed"] = reasons, not reasons
     return e
@@ -274,15 +303,20 @@ def validate(reference_dir: Path | str, artifacts: list[Path | str], *, text=Non
         ref = reference_pass(reference_dir, reference_gguf, windows, top_k, report_dir / "cache", n_threads,
                              ref_params, progress)
     samples = tokenizer_samples(texts)
+    competence = language_competence(windows, ref) if ref is not None else {}
+    competent = {lang: bool(c and c["competent"]) for lang, c in competence.items()}
+    if len(windows.spans) <= 1 or not any(competent.values()):
+        competent = {}   # one text (the user chose it), or a reference competent on none: gate all
     entries = []
     for p in artifacts:
         info = arts.inspect(Path(p), ref_params)
         entries.append(evaluate_artifact(info, windows=windows, ref=ref, ref_tok=tok, reference_dir=reference_dir,
                                          samples=samples, overrides=thresholds or {}, n_threads=n_threads,
-                                         progress=progress, input_problem=problem))
+                                         progress=progress, input_problem=problem, competent=competent))
     data = build_report(reference_dir=reference_dir, reference_gguf=reference_gguf, ref=ref, windows=windows,
                         text_source=text_source, entries=entries, overrides=thresholds or {}, top_k=top_k,
-                        max_tokens=max_tokens, input_problem=problem, model_name=model_name)
+                        max_tokens=max_tokens, input_problem=problem, model_name=model_name,
+                        competence=competence)
     report = Report(data, report_dir)
     if write:
         write_report(report)

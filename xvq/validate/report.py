@@ -11,19 +11,21 @@ from xvq.fsio import atomic_output
 from xvq.validate import gate
 from xvq.validate.metrics import perplexity
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2   # 2: competence per language; headline means over competent languages
 
 
 def build_report(*, reference_dir: Path, reference_gguf, ref, windows, text_source: str, entries: list[dict],
                  overrides: dict, top_k: int, max_tokens, input_problem: str | None,
-                 model_name: str | None = None) -> dict:
+                 model_name: str | None = None, competence: dict | None = None) -> dict:
     import xvq
+    from xvq.validate.competence import COMPETENCE_RATIO
     ref_langs = {}
     for lang, (wa, wb) in windows.spans.items():
         row = {"n_tokens": windows.n_tokens[lang], "n_windows": wb - wa, "perplexity": None}
         if ref is not None and wb - wa:
             a, b = windows.position_span(lang)
             row["perplexity"] = perplexity(ref.rows.nll[a:b])
+        row["competence"] = (competence or {}).get(lang)
         ref_langs[lang] = row
     return {
         "schema_version": SCHEMA_VERSION,
@@ -48,6 +50,8 @@ def build_report(*, reference_dir: Path, reference_gguf, ref, windows, text_sour
             "add_bos": windows.add_bos,
             "top_k": top_k,
             "min_language_windows": 2,
+            "competence_ratio": COMPETENCE_RATIO,
+            "headline_languages": _headline(windows, competence or {}),
         },
         "thresholds": {"overrides": {k: v for k, v in overrides.items() if v is not None},
                        "defaults": {q: t.as_dict() for q, t in gate.DEFAULTS.items()}},
@@ -55,6 +59,12 @@ def build_report(*, reference_dir: Path, reference_gguf, ref, windows, text_sour
         "artifacts": entries,
         "passed": bool(entries) and all(e["passed"] for e in entries),
     }
+
+
+def _headline(windows, competence: dict) -> list[str]:
+    """The languages the artifacts' headline means cover (see core.headline_positions)."""
+    good = [lang for lang, c in competence.items() if c and c["competent"]]
+    return good if len(windows.spans) > 1 and good else list(windows.spans)
 
 
 def load_report(path: Path | str) -> dict:
@@ -119,7 +129,14 @@ def markdown(data: dict) -> str:
             for a in data["artifacts"]:
                 m = (a.get("per_language") or {}).get(lang)
                 cells.append("n/a" if not m else f"{m['ppl_ratio']:.4f}" + ("" if m["passed"] else " ✗"))
-            out.append(f"| {lang} | {_f(ref['per_language'][lang]['perplexity'], '.3f')} | " + " | ".join(cells) + " |")
+            c = ref["per_language"][lang].get("competence")
+            note = " (not competent)" if c and not c["competent"] and len(langs) > 1 else ""
+            out.append(f"| {lang}{note} | {_f(ref['per_language'][lang]['perplexity'], '.3f')} | "
+                       + " | ".join(cells) + " |")
+        weak = [lang for lang in scored if (ref["per_language"][lang].get("competence") or {}).get("competent") is False]
+        if weak:
+            out += ["", f"Not competent (reference NLL above {s.get('competence_ratio')} of the text's own unigram "
+                        f"model; reported, not gated, not in the headline means): {', '.join(weak)}."]
         unscored = [lang for lang in langs if lang not in scored]
         if unscored:
             out += ["", f"n/a (fewer than two windows of text): {', '.join(unscored)}."]
