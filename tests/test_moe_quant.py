@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.gptq import corpus_texts, eval_batches, gptq_v1_dequant, kl_and_ppl, load_safetensors_folder  # noqa: E402
 
 BITS, GROUP = 4, 32            # expert width 160 = 5 x 32: the automatic group size
-CALIB = dict(calib_tokens=2048, max_seq_len=128)
+CALIB = dict(calib_tokens=8192, max_seq_len=128)
 N_CTX = 128
 
 
@@ -93,11 +93,12 @@ def test_default_budget_routes_every_expert(tiny_moe, reference):
     routing, printed per expert."""
     from transformers import AutoTokenizer
     from xvq.models import family_for
-    from xvq.quantize.gptq import GptqSettings, calibration_sequences, calibration_texts
+    from xvq.calib_data import calibration
+    from xvq.quantize.gptq import GptqSettings, calibration_sequences
     from xvq.quantize.gptq_moe import min_expert_tokens
     budget, seq = GptqSettings().calib_tokens, 2048
     assert budget == 131072
-    texts = calibration_texts(tiny_moe, budget, 0)
+    texts = calibration(budget_tokens=budget, tokenizer_dir=tiny_moe, seed=0).texts
     seqs = calibration_sequences(AutoTokenizer.from_pretrained(tiny_moe), texts, budget, seq, 0)
     n_tokens = sum(len(s["input_ids"]) for s in seqs)
     assert n_tokens >= 0.97 * budget
