@@ -376,3 +376,30 @@ def test_gptq_folder_scored_in_transformers(gptq_pair, tmp_path):
     tgt = torch.from_numpy(windows.tokens[:, ctx // 2 + 1:].astype(np.int64))
     nll = -lp.gather(-1, tgt[..., None]).squeeze(-1)
     assert e["perplexity"] == pytest.approx(float(torch.exp(nll.mean())), rel=1e-4)
+
+
+def test_reference_backend_follows_the_memory_at_hand(tmp_path, monkeypatch):
+    """Too little memory for the checkpoint (XVQ_MEMORY): the reference comes from the layout's
+    f16 GGUF in llama.cpp, converted first; enough: transformers. Two independent reference
+    implementations score the same Q8_0 alike, and the report says which ran and why."""
+    if not (DEMO / "config.json").is_file():
+        pytest.skip("the demo model (xvq/demo/model) is not built")
+    from xvq.calib_data import heldout_texts
+    from xvq.layout import Layout
+    q8 = convert(DEMO, tmp_path / "demo-q8_0.gguf", "q8_0", progress=False)[0]
+    ht = heldout_texts()
+    texts = {k: ht[k] for k in ("en", "zh")}
+    layout = Layout("Demo", tmp_path / "out")
+    reports = {}
+    for memory in ("1M", "64G"):
+        monkeypatch.setenv("XVQ_MEMORY", memory)
+        reports[memory] = validate(DEMO, [q8], text=texts, ctx=256, max_tokens=1024, report_dir=tmp_path / memory,
+                                   layout=layout, gpu_layers=0, progress=False)
+    low, high = (reports[m].data["reference"] for m in ("1M", "64G"))
+    assert low["scored_with"] == "llama.cpp" and low["gguf"] == layout.gguf("f16").name and low["device"] == "cpu"
+    assert "more than XVQ_MEMORY=1M" in low["backend_reason"] and layout.gguf("f16").is_file()
+    assert high["scored_with"] == "transformers" and "XVQ_MEMORY=64G" in high["backend_reason"]
+    k_low, k_high = (reports[m].entry(q8)["kld_mean"] for m in ("1M", "64G"))
+    assert reports["1M"].entry(q8)["device"] == "cpu"
+    assert k_low == pytest.approx(k_high, rel=0.25), (k_low, k_high)
+    assert low["perplexity"] == pytest.approx(high["perplexity"], rel=2e-3)

@@ -4,6 +4,8 @@ from pathlib import Path
 
 import click
 
+from xvq.llamacpp.runtime import GPU_LAYERS_HELP
+
 
 class BuildUnlessSubcommand(click.Group):
     """`xvq release MODEL_DIR` builds; `xvq release verify DIR` checks a package."""
@@ -30,19 +32,20 @@ def release_cmd():
 @click.option("--max-tokens", type=int, default=None, help="Cap the validation text (tokens).")
 @click.option("--calib-tokens", type=int, default=None, help="Calibration budget for imatrix and GPTQ.")
 @click.option("--force", is_flag=True, help="Redo every step.")
+@click.option("--gpu-layers", default="auto", show_default=True, help=GPU_LAYERS_HELP)
 @click.option("--allow-partial", is_flag=True, help="Exit 0 even when the gate left artifacts out.")
 @click.option("--verbose", "-v", is_flag=True,
               help="Show every library's output (GPTQModel, transformers, torch, llama.cpp) instead of one "
                    "progress bar per step (quiet runs keep it in out/<name>/logs/).")
 def build_cmd(model_dir, name, out_root, gguf_types, gptq_bits, split_max_size, max_tokens, calib_tokens, force,
-              allow_partial, verbose):
+              gpu_layers, allow_partial, verbose):
     """Build → validate → package MODEL_DIR into out/<name>/release/."""
     from xvq.errors import XvqError
     from xvq.release.pipeline import DEFAULT_GGUF_TYPES, DEFAULT_GPTQ_BITS, release
     from xvq.release.summary import summary_lines
     from xvq.validate import load_report
     bits = [b for b in (gptq_bits or DEFAULT_GPTQ_BITS) if b]
-    options = {"max_tokens": max_tokens} if max_tokens else {}
+    options = ({"max_tokens": max_tokens} if max_tokens else {}) | {"gpu_layers": gpu_layers}
     r = release(model_dir, name=name, out_root=out_root, gguf_types=gguf_types or DEFAULT_GGUF_TYPES,
                 gptq_bits=bits, force=force, split_max_size=split_max_size, validate_options=options,
                 calib_tokens=calib_tokens, log=click.echo, verbose=verbose)

@@ -88,7 +88,8 @@ def run_validate(model_dir: Path, layout: Layout, artifacts: list[Path], stamps:
     report_json = layout.validate_dir / "report.json"
     inputs = {"model": src_fp, "artifacts": fingerprint(artifacts), "options": options}
     stamps.run("validate", inputs, [report_json],
-               lambda: validate(model_dir, artifacts, report_dir=layout.validate_dir, model_name=layout.name, **options))
+               lambda: validate(model_dir, artifacts, report_dir=layout.validate_dir, model_name=layout.name,
+                                layout=layout, **options))
     return load_report(report_json)
 
 
@@ -156,6 +157,8 @@ def manifest_meta(model_dir: Path, layout: Layout, data: dict, src_hash: str, le
     return {"schema_version": 1, "name": layout.name, "source_model": {"path": model_dir.name, "sha256": src_hash},
             "tool_versions": tool_versions(), "calibration": data.get("settings", {}).get("text"),
             "imatrix": imatrix, "validate_report": "report.json schema v%s" % data.get("schema_version"),
+            "computed_on": {"reference": {k: data.get("reference", {}).get(k) for k in ("scored_with", "device")},
+                            "artifacts": {Path(a["path"]).name: a.get("device") for a in data.get("artifacts", [])}},
             "left_out": left_out, "laptop_fit": fits}
 
 
@@ -186,7 +189,8 @@ def release(model_dir: Path | str, *, name: str | None = None, out_root: Path | 
 def _release(model_dir: Path, layout: Layout, stamps, gguf_types, gptq_bits, split_max_size: str,
              validate_options: dict | None, calib_tokens: int | None, log) -> ReleaseResult:
     src_fp = source_identity(model_dir, stamps.cache)   # by content: every step after a changed source reruns
-    ggufs = build_ggufs(model_dir, layout, list(gguf_types), stamps, log, calib_tokens)
+    ggufs = build_ggufs(model_dir, layout, list(gguf_types), stamps, log, calib_tokens,
+                        (validate_options or {}).get("gpu_layers", "auto"))
     gptqs = build_gptqs(model_dir, layout, list(gptq_bits), stamps, src_fp, calib_tokens)
     options = validate_options or {}
     data = run_validate(model_dir, layout, ggufs + gptqs, stamps, src_fp, options)

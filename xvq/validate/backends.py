@@ -3,6 +3,7 @@ reference, GPTQ checkpoints). Every backend takes the same [n_windows, ctx] toke
 yields, per window, the float32 logits of its scored positions ([ctx - 1 - ctx//2, n_vocab])."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -105,8 +106,47 @@ class HfScorer:
         self.model = None
 
 
-def reference_dtype(n_params: int, device: str) -> str:
-    """The reference runs in float32 when that fits comfortably, else in the checkpoint's dtype."""
-    if device == "cpu" and n_params * 4 > 32 << 30:
-        return "auto"
-    return "float32" if device == "cpu" else "auto"
+# --- which backend computes the reference ------------------------------------------------------
+
+HEADROOM = 1.25       # activations, logits and the allocator's slack on top of the weights
+MEMORY_ENV = "XVQ_MEMORY"
+
+
+def memory_available(device: str) -> tuple[int, str]:
+    """(bytes the reference may use, where that figure comes from): XVQ_MEMORY (a size, e.g. 48G)
+    when set, else the free memory of the GPU torch computes on, else available RAM."""
+    import os
+    if os.environ.get(MEMORY_ENV):
+        from xvq.llamacpp import parse_size
+        return parse_size(os.environ[MEMORY_ENV], MEMORY_ENV), f"{MEMORY_ENV}={os.environ[MEMORY_ENV]}"
+    if device == "cuda":
+        import torch
+        return int(torch.cuda.mem_get_info()[0]), "free GPU memory"
+    import psutil
+    return int(psutil.virtual_memory().available), "available RAM"
+
+
+@dataclass
+class ReferencePlan:
+    backend: str             # "transformers" or "llama.cpp"
+    reason: str
+    device: str
+    dtype: str = "auto"      # transformers only
+
+
+def plan_reference(n_params: int, reference_gguf: Path | None) -> ReferencePlan:
+    """transformers when the checkpoint fits the memory at hand with room to spare (float32 on a
+    CPU when even that fits), else llama.cpp on the bf16/f16 GGUF (memory-mapped, offloaded to a
+    GPU when the build has one)."""
+    if reference_gguf is not None:
+        return ReferencePlan("llama.cpp", "--reference-gguf given", "")
+    device = torch_device()
+    avail, source = memory_available(device)
+    for dtype, width in ((("float32", 4),) if device == "cpu" else ()) + (("auto", 2),):
+        need = int(n_params * width * HEADROOM)
+        if need <= avail:
+            return ReferencePlan("transformers", f"{dtype} weights need {need / 1e9:.1f} GB, {source} is "
+                                                 f"{avail / 1e9:.1f} GB", device, dtype)
+    need = int(n_params * 2 * HEADROOM)
+    return ReferencePlan("llama.cpp", f"bf16 weights need {need / 1e9:.1f} GB, more than {source} "
+                                      f"({avail / 1e9:.1f} GB): the f16 GGUF, memory-mapped", "")

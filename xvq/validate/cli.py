@@ -2,6 +2,8 @@ from pathlib import Path
 
 import click
 
+from xvq.llamacpp.runtime import GPU_LAYERS_HELP
+
 
 @click.command("validate")
 @click.option("--reference", "reference", required=True, type=click.Path(path_type=Path),
@@ -20,11 +22,12 @@ import click
               help="Score the reference from this bf16/f32 GGUF in llama.cpp (cheaper for big models).")
 @click.option("--top-k", type=int, default=None, help="Reference logits kept per position (default 128).")
 @click.option("--threads", type=int, default=None, help="llama.cpp threads (default: all usable cores).")
+@click.option("--gpu-layers", default="auto", show_default=True, help=GPU_LAYERS_HELP)
 @click.option("--layout", is_flag=True, help="Score every GGUF and GPTQ folder the output layout holds.")
 @click.option("--name", default=None, help="Model name in the layout (default: the reference folder's name).")
 @click.option("--out-root", type=click.Path(path_type=Path), default=None, help="Layout root (default: out).")
 def validate_cmd(reference, artifacts, text, heldout, ctx, max_tokens, report_dir, max_kld, max_ppl_ratio,
-                 max_token_mismatch, reference_gguf, top_k, threads, layout, name, out_root):
+                 max_token_mismatch, reference_gguf, top_k, threads, gpu_layers, layout, name, out_root):
     """Perplexity, KL divergence and top-1 agreement of each artifact against the reference;
     exits non-zero when any artifact fails its gate."""
     from xvq.errors import XvqError
@@ -48,7 +51,8 @@ def validate_cmd(reference, artifacts, text, heldout, ctx, max_tokens, report_di
                       report_dir=report_dir or lay.validate_dir,
                       thresholds={"max_kld": max_kld, "max_ppl_ratio": max_ppl_ratio,
                                   "max_token_mismatch": max_token_mismatch},
-                      reference_gguf=reference_gguf, top_k=top_k or DEFAULT_TOP_K, n_threads=threads)
+                      reference_gguf=reference_gguf, top_k=top_k or DEFAULT_TOP_K, n_threads=threads,
+                      gpu_layers=gpu_layers, layout=lay)
     click.echo((report.report_dir / "report.md").read_text(encoding="utf-8"))
     click.echo(f"report: {report.report_dir / 'report.json'}")
     if not report.passed:

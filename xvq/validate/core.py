@@ -18,7 +18,7 @@ from xvq.validate import artifacts as arts
 from xvq.validate import competence as comp_rule
 from xvq.validate import gate
 from xvq.llamacpp import default_threads
-from xvq.validate.backends import GgufScorer, HfScorer, reference_dtype, torch_device
+from xvq.validate.backends import GgufScorer, HfScorer, plan_reference
 from xvq.validate.metrics import DEFAULT_TOP_K, artifact_rows, full_kld, in_row_blocks, perplexity
 from xvq.validate.reference import Reference, reference_for
 from xvq.validate.windows import Windows, load_tokenizer, make_windows
@@ -116,9 +116,9 @@ def _jsonable(x):
 
 # ---------------------------------------------------------------- scoring
 
-def make_scorer(info: arts.ArtifactInfo, ctx: int, n_threads: int | None):
+def make_scorer(info: arts.ArtifactInfo, ctx: int, n_threads: int | None, gpu_layers="auto"):
     if info.kind == "gguf":
-        return GgufScorer(info.path, ctx, n_threads=n_threads)
+        return GgufScorer(info.path, ctx, n_threads=n_threads, gpu_layers=gpu_layers)
     return HfScorer(info.path, ctx)
 
 
@@ -216,7 +216,8 @@ def blank_entry(info: arts.ArtifactInfo) -> dict:
 
 def evaluate_artifact(info: arts.ArtifactInfo, *, windows: Windows, ref: Reference | None, ref_tok,
                       reference_dir: Path, samples: list[str], overrides: dict, n_threads: int | None,
-                      progress: bool, input_problem: str | None, competent: dict[str, bool] | None = None) -> dict:
+                      progress: bool, input_problem: str | None, competent: dict[str, bool] | None = None,
+                      gpu_layers="auto") -> dict:
     e = blank_entry(info)
     t = gate.thresholds_for(info.quant_type, overrides)
     e["thresholds"] = t.as_dict()
@@ -238,10 +239,11 @@ def evaluate_artifact(info: arts.ArtifactInfo, *, windows: Windows, ref: Referen
         e["reasons"] = [input_problem]
         return e
     try:
-        scorer = make_scorer(info, windows.ctx, n_threads)
+        scorer = make_scorer(info, windows.ctx, n_threads, gpu_layers)
     except XvqError as err:
         e["reasons"] = [err.message]
         return e
+    e["device"] = scorer.device
     try:
         if scorer.n_vocab != ref.n_vocab:
             e["reasons"] = [f"{info.path}: model outputs {scorer.n_vocab} logits, the reference {ref.n_vocab}: "
@@ -275,13 +277,16 @@ def validate(reference_dir: Path | str, artifacts: list[Path | str], *, text=Non
              ctx: int = 512, max_tokens: int | None = None, report_dir: Path | str,
              thresholds: dict | None = None, reference_gguf: Path | str | None = None,
              top_k: int = DEFAULT_TOP_K, n_threads: int | None = None, progress: bool = True,
-             write: bool = True, model_name: str | None = None) -> Report:
+             write: bool = True, model_name: str | None = None, gpu_layers: str | int | None = "auto",
+             layout=None) -> Report:
     """Score `artifacts` (GGUF files, GPTQ/HF folders) against the reference and gate them.
 
     text: a file path, or {lang: text}; default the held-out split of xvq.calib_data.
     thresholds: overrides {max_kld, max_ppl_ratio, max_token_mismatch} for every artifact.
     reference_gguf: a bf16/f32 GGUF of the reference, scored in llama.cpp instead of transformers.
     model_name: what the report calls the model (default: the reference folder's name).
+    gpu_layers: llama.cpp offload (auto: every layer when the build has a GPU backend).
+    layout: where the reference's f16 GGUF lives when the checkpoint does not fit in memory.
     Writes report.json, report.md and report.png into report_dir (when write) and returns the Report.
     """
     from xvq.validate.report import build_report, write_report
@@ -297,11 +302,11 @@ def validate(reference_dir: Path | str, artifacts: list[Path | str], *, text=Non
         n = max(windows.n_tokens.values(), default=0)
         problem = (f"{text_source}: text tokenizes to {n} tokens, shorter than one window of --ctx {ctx}; "
                    f"give a longer text or a smaller --ctx")
-    ref = None
+    ref, backend = None, None
     ref_params = arts.reference_params(reference_dir)
     if not problem:
-        ref = reference_pass(reference_dir, reference_gguf, windows, top_k, report_dir / "cache", n_threads,
-                             ref_params, progress)
+        ref, backend = reference_pass(reference_dir, reference_gguf, windows, top_k, report_dir / "cache",
+                                      n_threads, ref_params, progress, gpu_layers, layout)
     samples = tokenizer_samples(texts)
     competence = language_competence(windows, ref) if ref is not None else {}
     competent = {lang: bool(c and c["competent"]) for lang, c in competence.items()}
@@ -312,11 +317,12 @@ def validate(reference_dir: Path | str, artifacts: list[Path | str], *, text=Non
         info = arts.inspect(Path(p), ref_params)
         entries.append(evaluate_artifact(info, windows=windows, ref=ref, ref_tok=tok, reference_dir=reference_dir,
                                          samples=samples, overrides=thresholds or {}, n_threads=n_threads,
-                                         progress=progress, input_problem=problem, competent=competent))
+                                         progress=progress, input_problem=problem, competent=competent,
+                                         gpu_layers=gpu_layers))
     data = build_report(reference_dir=reference_dir, reference_gguf=reference_gguf, ref=ref, windows=windows,
                         text_source=text_source, entries=entries, overrides=thresholds or {}, top_k=top_k,
                         max_tokens=max_tokens, input_problem=problem, model_name=model_name,
-                        competence=competence)
+                        competence=competence, backend=backend)
     report = Report(data, report_dir)
     if write:
         write_report(report)
@@ -324,12 +330,31 @@ def validate(reference_dir: Path | str, artifacts: list[Path | str], *, text=Non
 
 
 def reference_pass(reference_dir: Path, reference_gguf, windows: Windows, top_k: int, cache_dir: Path,
-                   n_threads: int | None, ref_params: int | None, progress: bool) -> Reference:
-    if reference_gguf:
-        src = Path(reference_gguf)
-        return reference_for(lambda: GgufScorer(src, windows.ctx, n_threads=n_threads), src, windows, top_k,
-                             cache_dir, progress)
-    device = torch_device()
-    dtype = reference_dtype(ref_params or 0, device)
-    return reference_for(lambda: HfScorer(reference_dir, windows.ctx, dtype=dtype, device=device),
-                         reference_dir, windows, top_k, cache_dir, progress)
+                   n_threads: int | None, ref_params: int | None, progress: bool, gpu_layers="auto",
+                   layout=None) -> tuple[Reference, dict]:
+    """The reference's statistics, from the backend the memory at hand allows (plan_reference);
+    returns them with what computed them and why, for the report."""
+    plan = plan_reference(ref_params or 0, Path(reference_gguf) if reference_gguf else None)
+    if plan.backend == "transformers":
+        ref = reference_for(lambda: HfScorer(reference_dir, windows.ctx, dtype=plan.dtype, device=plan.device),
+                            reference_dir, windows, top_k, cache_dir, progress)
+        return ref, {"backend": plan.backend, "reason": plan.reason, "device": plan.device, "gguf": None}
+    src = Path(reference_gguf) if reference_gguf else reference_gguf_of(reference_dir, layout, cache_dir, progress)
+    device = {}
+
+    def scorer():
+        s = GgufScorer(src, windows.ctx, n_threads=n_threads, gpu_layers=gpu_layers)
+        device["name"] = s.device
+        return s
+    ref = reference_for(scorer, src, windows, top_k, cache_dir, progress)
+    return ref, {"backend": plan.backend, "reason": plan.reason, "device": device.get("name", "cached"),
+                 "gguf": src.name}
+
+
+def reference_gguf_of(reference_dir: Path, layout, cache_dir: Path, progress: bool) -> Path:
+    """The layout's f16 GGUF of the reference (what the quantized files were made from), made
+    now if the layout holds none from this checkpoint's content."""
+    from xvq.layout import Layout
+    from xvq.quantize import source_gguf
+    layout = layout or Layout("reference", cache_dir)
+    return source_gguf(reference_dir, layout, progress=progress)

@@ -16,7 +16,7 @@ SCHEMA_VERSION = 2   # 2: competence per language; headline means over competent
 
 def build_report(*, reference_dir: Path, reference_gguf, ref, windows, text_source: str, entries: list[dict],
                  overrides: dict, top_k: int, max_tokens, input_problem: str | None,
-                 model_name: str | None = None, competence: dict | None = None) -> dict:
+                 model_name: str | None = None, competence: dict | None = None, backend: dict | None = None) -> dict:
     import xvq
     from xvq.validate.competence import COMPETENCE_RATIO
     ref_langs = {}
@@ -34,8 +34,10 @@ def build_report(*, reference_dir: Path, reference_gguf, ref, windows, text_sour
         "reference": {
             "path": str(reference_dir),
             "name": model_name or Path(reference_dir).name,
-            "scored_with": "llama.cpp" if reference_gguf else "transformers",
-            "gguf": str(reference_gguf) if reference_gguf else None,
+            "scored_with": (backend or {}).get("backend", "llama.cpp" if reference_gguf else "transformers"),
+            "backend_reason": (backend or {}).get("reason"),
+            "device": (backend or {}).get("device"),
+            "gguf": (backend or {}).get("gguf") or (Path(reference_gguf).name if reference_gguf else None),
             "perplexity": perplexity(ref.rows.nll) if ref is not None else None,
             "per_language": ref_langs,
             "cache": str(ref.cache_file) if ref is not None and ref.cache_file else None,
@@ -114,7 +116,9 @@ def markdown(data: dict) -> str:
             f"| {_f(a['kld_mean'], '.5f')} | {_f(a['kld_p99'], '.4f')} "
             f"| {_f(a['top1_agreement'] * 100 if a['top1_agreement'] is not None else None, '.2f')}% "
             f"| {_f(a['token_mismatch_rate'], '.4f')} | {'pass' if a['passed'] else 'FAIL'} |")
-    out = [f"Reference: `{ref.get('name') or Path(ref['path']).name}` ({ref['scored_with']}), perplexity "
+    how = ref['scored_with'] + (f" on {ref['device']}" if ref.get("device") else "") + \
+        (f"; {ref['backend_reason']}" if ref.get("backend_reason") else "")
+    out = [f"Reference: `{ref.get('name') or Path(ref['path']).name}` ({how}), perplexity "
            f"{_f(ref['perplexity'], '.4f')}; {s['n_windows']} windows of {s['ctx']} tokens, "
            f"{s['n_tokens_scored']} tokens scored (second half of each window); text: {s['text']}; "
            f"KLD on the reference's top-{s['top_k']} tokens plus the rest as one bin.", "", *lines]
