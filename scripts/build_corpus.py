@@ -99,7 +99,8 @@ def npm_pack(name: str, version: str, cache: Path) -> Path:
         r = subprocess.run(["npm", "pack", f"{name}@{version}", "--pack-destination", str(cache)],
                            capture_output=True, text=True)
         if r.returncode or not out.is_file():
-            die(f"npm {name}@{version} is not available ({r.stderr.strip().splitlines()[-1:]}); "
+            why = " ".join(ln for ln in r.stderr.splitlines() if "error" in ln and "log of this run" not in ln)[:200]
+            die(f"npm {name}@{version} is not available ({why}); "
                 f"pin a version the registry has")
     return out
 
