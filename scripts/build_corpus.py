@@ -29,10 +29,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from xvq.calib_data.corpus import ALL_LANGS, CODE, LANGUAGES  # noqa: E402
 from xvq.calib_data.shares import target_shares  # noqa: E402
+from xvq.calib_data.tokens import estimate_tokens  # noqa: E402
 
 OUT = ROOT / "xvq" / "calib_data" / "data"
 SAMPLE_TOKENS = 524288      # the train split must fill this budget at the target shares...
-MARGIN = 1.3                # ...with this much to spare (paragraph boundaries, other seeds)
+MARGIN = 1.3                # ...with this much to spare (paragraph boundaries, other seeds), counted
+                            # both by the tokenizer and by xvq's estimate (the default counter, which
+                            # counts Cyrillic or German at 0.5-0.8 of a real tokenizer)
 MIN_HELDOUT = 1100          # two 512-token windows per language
 RECORD_CHARS = 1500         # paragraphs are grouped into records of about this size
 
@@ -99,7 +102,8 @@ def npm_pack(name: str, version: str, cache: Path) -> Path:
         r = subprocess.run(["npm", "pack", f"{name}@{version}", "--pack-destination", str(cache)],
                            capture_output=True, text=True)
         if r.returncode or not out.is_file():
-            die(f"npm {name}@{version} is not available ({r.stderr.strip().splitlines()[-1:]}); "
+            why = " ".join(ln for ln in r.stderr.splitlines() if "error" in ln and "log of this run" not in ln)[:200]
+            die(f"npm {name}@{version} is not available ({why}); "
                 f"pin a version the registry has")
     return out
 
@@ -261,16 +265,18 @@ def caps() -> dict[str, int]:
     return {lang: math.ceil(shares[lang] * SAMPLE_TOKENS * MARGIN) + 400 for lang in ALL_LANGS}
 
 
-def take(recs: list[dict], count, cap: int, have: int) -> tuple[list[dict], int]:
-    """Records in order until the language holds `cap` tokens."""
+def take(recs: list[dict], count, cap: int, have: list[int]) -> list[dict]:
+    """Records in order until the language holds `cap` tokens by the tokenizer and by the
+    estimate; `have` = [tokens, estimated tokens] so far, updated."""
     out = []
     for r in recs:
-        if have >= cap:
+        if have[0] >= cap and have[1] >= cap:
             break
         r["tokens"] = count(r["text"])
         out.append(r)
-        have += r["tokens"]
-    return out, have
+        have[0] += r["tokens"]
+        have[1] += estimate_tokens(r["text"])
+    return out
 
 
 def build(cache: Path, assets: Path, tokenizer: Path):
@@ -311,7 +317,7 @@ def build(cache: Path, assets: Path, tokenizer: Path):
                             "tokens": count(chunk)})
 
     cap = caps()
-    have = {lang: 0 for lang in ALL_LANGS}
+    have = {lang: [0, 0] for lang in ALL_LANGS}
 
     def add(recs, src=None, limit=None):
         """Records (tagged with `src` unless they carry a source) until each language reaches its
@@ -320,8 +326,8 @@ def build(cache: Path, assets: Path, tokenizer: Path):
         got = []
         for lang in ALL_LANGS:
             mine = [r for r in recs if r["lang"] == lang]
-            stop = cap[lang] if limit is None else min(cap[lang], have[lang] + limit)
-            picked, have[lang] = take(mine, count, stop, have[lang])
+            stop = cap[lang] if limit is None else min(cap[lang], have[lang][0] + limit)
+            picked = take(mine, count, stop, have[lang])
             got += picked
         for r in got:
             r.setdefault("source", src)
@@ -384,7 +390,7 @@ def build(cache: Path, assets: Path, tokenizer: Path):
                for t in group(texts, RECORD_CHARS * 2, "\n\n")]
     # alternate Python and JavaScript so both reach the cap's share
     add([r for pair in zip(py_recs, js_recs) for r in pair])
-    short = {lang: cap[lang] - have[lang] for lang in ALL_LANGS if have[lang] < cap[lang]}
+    short = {lang: cap[lang] - min(have[lang]) for lang in ALL_LANGS if min(have[lang]) < cap[lang]}
     held = {lang: sum(r["tokens"] for r in heldout if r["lang"] == lang) for lang in ALL_LANGS}
     thin = {lang: n for lang, n in held.items() if n < MIN_HELDOUT}
     return train, heldout, sources, short, thin

@@ -255,10 +255,12 @@ def test_sentencepiece_only_tokenizer_folder(tmp_path):
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
     s = sample(4000, seed=1, tokenizer_dir=tmp_path)
     assert s.counter == tmp_path.name and 3800 < s.total_tokens <= 4000
-    one_line = [r for r in s.records if "\n" not in r["text"]]    # newlines: a known normalisation difference
+    # newlines, runs of spaces, NFKC (full-width punctuation): the known normalisation differences
+    one_line = [r for r in s.records if "\n" not in r["text"] and "  " not in r["text"]
+                and unicodedata.normalize("NFKC", r["text"]) == r["text"]]
     reference = sum(len(sp.encode(r["text"])) for r in one_line)
     assert abs(sum(r["tokens"] for r in one_line) - reference) < 0.06 * reference
-    ascii_lines = [r for r in s.records if r["text"].isascii() and "\n" not in r["text"]]
+    ascii_lines = [r for r in one_line if r["text"].isascii()]
     assert ascii_lines and all(r["tokens"] == len(sp.encode(r["text"])) for r in ascii_lines)
 
 
