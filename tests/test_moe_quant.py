@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.gptq import corpus_texts, eval_batches, gptq_v1_dequant, kl_and_ppl, load_safetensors_folder  # noqa: E402
 
 BITS, GROUP = 4, 32            # expert width 160 = 5 x 32: the automatic group size
-CALIB = dict(calib_tokens=8192, max_seq_len=128)
+CALIB = dict(calib_tokens=2048, max_seq_len=128)
 N_CTX = 128
 
 
