@@ -36,7 +36,7 @@ from xvq.fsio import atomic_output
 CANDIDATES = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K", "IQ3_XXS", "IQ3_S", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K",
               "Q6_K", "Q8_0", "F16")
 CALIBRATION_TYPE = "Q3_K"      # ablations quantize one tensor to this (or its nearest candidate)
-SAMPLE_ROWS = 128              # rows per tensor whose error is measured (an unbiased sample)
+SAMPLE_ROWS = 64               # rows per tensor whose error is measured (an unbiased sample)
 ALIGN = 32                     # GGUF tensor data alignment
 KLD_CHUNKS = 4                 # calibration chunks for ablations and the measured KLD
 MAX_LAYER_PROBES = 8           # layers whose gain is measured; the others are interpolated
@@ -179,7 +179,8 @@ def model_tensors(src: Path, imatrix_names: set[str]) -> list[TensorChoice]:
 # 1. Quantization error per candidate (ggml's kernels on a sample of rows)
 # ----------------------------------------------------------------------------------------------
 
-def sample_rows(n_rows: int, k: int = SAMPLE_ROWS) -> np.ndarray:
+def sample_rows(n_rows: int, k: int | None = None) -> np.ndarray:
+    k = k or SAMPLE_ROWS
     if n_rows <= k:
         return np.arange(n_rows)
     return np.unique(np.linspace(0, n_rows - 1, k).round().astype(np.int64))
@@ -381,46 +382,50 @@ def smallest(tensors: list[TensorChoice]) -> int:
     return sum(padded(min(c.options.values())) for c in tensors)
 
 
-def solve(tensors: list[TensorChoice], budget: int) -> dict[str, str]:
-    """Minimum predicted KLD with sum of padded tensor bytes <= budget (tensor data only)."""
-    import heapq
+def solve(tensors: list[TensorChoice], budget: int, units: int = 20000) -> dict[str, str]:
+    """Minimum predicted KLD with sum of padded tensor bytes <= budget (tensor data only): a
+    dynamic programme over the budget in `units` steps, each tensor's sizes rounded up to whole
+    steps (so every solution it finds fits), then filled with single upgrades in exact bytes."""
     choice = {c.name: min(c.options, key=c.options.get) for c in tensors}
-    if not any(c.quantizable for c in tensors):
+    fixed = [c for c in tensors if not c.quantizable]
+    q = [c for c in tensors if c.quantizable]
+    left = budget - sum(padded(c.options[choice[c.name]]) for c in fixed)
+    if not q or left < sum(padded(min(c.options.values())) for c in q):
         return choice
+    step = max(1, -(-left // units))
+    n = left // step
+    inf = np.inf
+    dp = np.zeros(n + 1)                       # best predicted KLD using at most b steps
+    picks = []
+    for c in q:
+        opts = list(c.options)
+        w = [-(-padded(c.options[t]) // step) for t in opts]
+        v = [c.predicted(t) for t in opts]
+        new = np.full(n + 1, inf)
+        arg = np.zeros(n + 1, np.int8)
+        for i, (wi, vi) in enumerate(zip(w, v)):
+            if wi > n:
+                continue
+            cand = np.full(n + 1, inf)
+            cand[wi:] = dp[:n + 1 - wi] + vi
+            better = cand < new
+            new[better], arg[better] = cand[better], i
+        dp = new
+        picks.append((c, opts, w, arg))
+    if not np.isfinite(dp[n]):                # the rounding up left no room: the cheapest types
+        return choice
+    b = n
+    for c, opts, w, arg in reversed(picks):   # walk back the choices
+        i = int(arg[b])
+        choice[c.name] = opts[i]
+        b -= w[i]
     by_name = {c.name: c for c in tensors}
-    used = sum(padded(by_name[n].options[t]) for n, t in choice.items())
-    hulls = {c.name: hull(c) for c in tensors if c.quantizable}
-    for n, h in hulls.items():
-        choice[n] = h[0]
-    used = sum(padded(by_name[n].options[t]) for n, t in choice.items())
-    pos = dict.fromkeys(hulls, 0)
-
-    def step(n):
-        h, i = hulls[n], pos[n]
-        if i + 1 >= len(h):
-            return None
-        c = by_name[n]
-        db = padded(c.options[h[i + 1]]) - padded(c.options[h[i]])
-        dk = c.predicted(h[i]) - c.predicted(h[i + 1])
-        return (-dk / max(db, 1), n, db)
-
-    heap = [s for s in map(step, hulls) if s is not None]
-    heapq.heapify(heap)
-    while heap:
-        _, n, db = heapq.heappop(heap)
-        if used + db > budget:
-            continue          # this tensor's next hull step no longer fits; others may
-        pos[n] += 1
-        choice[n] = hulls[n][pos[n]]
-        used += db
-        s = step(n)
-        if s is not None:
-            heapq.heappush(heap, s)
+    used = sum(padded(by_name[nm].options[t]) for nm, t in choice.items())
     # fill what is left with the single best upgrades (any type, not only hull steps)
     while True:
         best = None
-        for n in hulls:
-            c, cur = by_name[n], choice[n]
+        for c in q:
+            n, cur = c.name, choice[c.name]
             for t in c.options:
                 db = padded(c.options[t]) - padded(c.options[cur])
                 dk = c.predicted(cur) - c.predicted(t)
@@ -448,12 +453,13 @@ class Mix:
     seconds_choosing: float
     seconds_writing: float
     tensors: list[dict] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {"path": str(self.path), "size_bytes": self.size_bytes, "bpw": self.bpw,
                 "kld_predicted": self.kld_predicted, "kld_measured": self.kld_measured,
                 "seconds_choosing": self.seconds_choosing, "seconds_writing": self.seconds_writing,
-                "tensors": self.tensors}
+                "timings": self.timings, "tensors": self.tensors}
 
 
 def summary(types: dict[str, str]) -> str:
@@ -489,9 +495,11 @@ def check_reachable(target: Target, tensors: list[TensorChoice], header: int, sr
     if target.kind == "bpw":
         raise XvqError(f"--target-bpw {target.value:g} is below the smallest mix of this model "
                        f"({8 * low / n_el:.3f} bpw, {header + low} bytes); give at least {8 * low / n_el:.3f}")
+    from xvq.release.fit import USABLE_FRACTION
+    need = (low - budget) / 1e9 / USABLE_FRACTION + target.value
     raise XvqError(f"--fit {target.value:g}G at --ctx {target.ctx}: no file fits; the smallest achievable file "
-                   f"({header + low} bytes) needs {(low - budget) / 1e9 + target.value * 0.0 + 0:.3f} GB more; "
-                   f"use a smaller --ctx or more RAM")
+                   f"({header + low} bytes) needs a {need:.2f} GB machine at this context; use a smaller --ctx "
+                   f"or more RAM")
 
 
 def estimated_header(src: Path, extra: int = 2048) -> int:
@@ -511,17 +519,19 @@ def choose_and_write(src: Path, out: Path | None, target: Target, *, imatrix, ca
     check_reachable(target, tensors, estimated_header(src), src)
     if not any(c.quantizable for c in tensors):
         raise XvqError(f"{src}: no tensor can be quantized (already quantized?); give the f16/f32 GGUF")
+    timings = {}
     measure_errors(src, tensors, im_values, progress)
+    timings["errors"] = time.perf_counter() - t0
     ev = make_evaluator(src, calib_text, n_ctx, n_threads=n_threads)
+    timings["reference"] = time.perf_counter() - t0 - sum(timings.values())
     extra_kv = [(KEY_TARGET, target.describe()), (KEY_TYPES, TYPES_PLACEHOLDER),
                 (KEY_PREDICTED, 0.0), (KEY_MEASURED, 0.0)]
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         measured, header = ablate(src, tensors, ablation_plan(tensors), ev, imatrix, Path(tmp), extra_kv, progress)
+    timings["ablations"] = time.perf_counter() - t0 - sum(timings.values())
     fit_gains(tensors, measured)
     check_reachable(target, tensors, header, src)
     budget = tensor_budget(target, tensors, header, src)
-    if target.kind != "size":   # bpw and fit count tensor bytes, unpadded; keep the file's own padding out
-        budget -= ALIGN * len(tensors)
     types = solve(tensors, budget)
     by_name = {c.name: c for c in tensors}
     data_bytes = sum(by_name[n].options[t] for n, t in types.items())
@@ -529,6 +539,7 @@ def choose_and_write(src: Path, out: Path | None, target: Target, *, imatrix, ca
     bpw = 8 * data_bytes / n_el
     predicted = float(sum(by_name[n].predicted(t) for n, t in types.items() if by_name[n].quantizable))
     t_choose = time.perf_counter() - t0
+    timings["solve"] = t_choose - sum(timings.values())
     if out is None:   # named by the mix, so known only now
         out = layout.gguf(f"xvq-{bpw:.2f}bpw")
         out = Path(outdir) / out.name if outdir is not None else out
@@ -552,7 +563,7 @@ def choose_and_write(src: Path, out: Path | None, target: Target, *, imatrix, ca
              "kld_predicted": c.predicted(types[c.name]) if c.quantizable else 0.0,
              "gain": c.gain, "ablation_kld": measured.get(c.name)} for c in tensors]
     return Mix(out, types, out.stat().st_size, bpw, predicted, measured_kld, t_choose,
-               time.perf_counter() - t1, rows)
+               time.perf_counter() - t1, rows, timings)
 
 
 def patch_float(path: Path, key: str, value: float) -> None:
@@ -592,7 +603,7 @@ def quantize_mix(source: Path | str, target: Target, *, imatrix: str | Path | No
         raise XvqError(f"{src}: already quantized ({info.weight_type}); a mix is made from the f16/f32 GGUF")
     # the reachability check before any work: nothing is written when the target cannot be met
     has_im = str(imatrix).lower() != "none"
-    names = set(info.tensors) if has_im else set()
+    names = {n for n in info.tensors if n.startswith("blk.")} if has_im else set()   # what an imatrix covers
     check_reachable(target, model_tensors(src, names), estimated_header(src), src)
     calib = calibration(calib_file, budget_tokens=calib_tokens or DEFAULT_CALIB_TOKENS, tokenizer_dir=model_dir)
     im = resolve_imatrix(imatrix, src, [parse_type("Q2_K")], layout, calib=calib, n_threads=n_threads or None,
