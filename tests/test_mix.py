@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from tests.conftest import DEMO
 
 THREADS = 1    # shared test machine: llama.cpp's spinning worker threads only slow it down
-CTX = 256
+CTX = 128      # the tests' chunks; the command uses 256 (KLD_CHUNKS of them)
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,7 @@ def test_mix_fits_target_loads_and_records_itself(demo, tmp_path):
     assert r.fields[mix.KEY_TARGET].contents() == f"size<={stock.stat().st_size}"
     assert not [k for k in r.fields if k.startswith("xvq.") and k not in
                 (mix.KEY_MEASURED, mix.KEY_PREDICTED, mix.KEY_TARGET, mix.KEY_TYPES)]
-    ev = mix.make_evaluator(src, calib_text, CTX, n_threads=THREADS)
+    ev = mix.make_evaluator(src, calib_text, n_threads=THREADS)   # the command's own chunks
     assert ev.kld(m.path) == pytest.approx(m.kld_measured, rel=1e-3)
     assert 0 < m.kld_measured < 0.1
 
@@ -153,3 +153,7 @@ def test_target_below_smallest_file_fails_in_one_line(demo, tmp_path):
     r = CliRunner().invoke(main, ["quantize", "gguf", str(src), "--target-bpw", "1.5", "--out-root", str(out),
                                   "--imatrix", str(d / "demo.imatrix.gguf")])
     assert r.exit_code == 1 and "smallest mix" in r.output and not out.exists()
+    r = CliRunner().invoke(main, ["quantize", "gguf", str(src), "--fit", "0.002G", "--ctx", "8192",
+                                  "--out-root", str(out), "--imatrix", str(d / "demo.imatrix.gguf")])
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "no file fits; the smallest achievable file" in r.output and not out.exists()
