@@ -33,12 +33,12 @@ from xvq.errors import XvqError
 from xvq.fsio import atomic_output
 
 # Candidates, cheapest first. IQ1_* are left out: llama.cpp's own docs call them unusable alone.
-CANDIDATES = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K", "IQ3_XXS", "IQ3_S", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K",
+CANDIDATES = ("IQ2_XXS", "Q2_K", "IQ3_XXS", "IQ3_S", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K",
               "Q6_K", "Q8_0", "F16")
 CALIBRATION_TYPE = "Q3_K"      # ablations quantize one tensor to this (or its nearest candidate)
 SAMPLE_ROWS = 64               # rows per tensor whose error is measured (an unbiased sample)
 ALIGN = 32                     # GGUF tensor data alignment
-KLD_CHUNKS = 4                 # calibration chunks for ablations and the measured KLD
+KLD_CHUNKS = 8                 # calibration chunks for ablations and the measured KLD
 MAX_LAYER_PROBES = 8           # layers whose gain is measured; the others are interpolated
 KEY_PREDICTED, KEY_MEASURED = "xvq.mix.kld_predicted", "xvq.mix.kld_measured"
 KEY_TARGET, KEY_TYPES = "xvq.mix.target", "xvq.mix.types"
@@ -261,8 +261,9 @@ class Evaluator:
         return kld(self.ref_logp, self.logits(path))
 
 
-def make_evaluator(src: Path, text: str, n_ctx: int = 256, n_chunks: int = KLD_CHUNKS,
+def make_evaluator(src: Path, text: str, n_ctx: int = 128, n_chunks: int | None = None,
                    n_threads: int | None = None) -> Evaluator:
+    n_chunks = n_chunks or KLD_CHUNKS
     from xvq.quantize.imatrix import LlamaModel, chunks_of
     with LlamaModel(src, n_ctx, n_threads=n_threads) as m:
         tokens = m.tokenize(text, add_special=True)
@@ -508,7 +509,7 @@ def estimated_header(src: Path, extra: int = 2048) -> int:
 
 
 def choose_and_write(src: Path, out: Path | None, target: Target, *, imatrix, calib_text: str, layout=None,
-                     outdir: Path | None = None, n_ctx: int = 256, n_threads: int | None = None, progress: bool = True,
+                     outdir: Path | None = None, n_ctx: int = 128, n_threads: int | None = None, progress: bool = True,
                      workdir: Path | None = None, log=print) -> Mix:
     """The mix for `target`, written to `out` (default: the layout's <name>-xvq-<bpw>bpw.gguf)."""
     import tempfile
