@@ -157,3 +157,20 @@ def test_target_below_smallest_file_fails_in_one_line(demo, tmp_path):
                                   "--out-root", str(out), "--imatrix", str(d / "demo.imatrix.gguf")])
     assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
     assert "no file fits; the smallest achievable file" in r.output and not out.exists()
+
+
+def test_release_tiers_skip_or_fit(demo, tmp_path):
+    """A tier above the Q8_0 file and one too small are skipped with a line saying why; one in
+    between gives a mix that `xvq fit` (the estimate checked against llama.cpp) says fits."""
+    from xvq.quantize.mix import build_tier
+    from xvq.release.fit import fits, gguf_shapes
+    src, im, calib_text, _ = demo
+    lines = []
+    kw = dict(imatrix=im, calib_text=calib_text, n_threads=THREADS, log=lines.append)
+    assert build_tier(src, tmp_path / "big.gguf", "8G", **kw) is None
+    assert build_tier(src, tmp_path / "small.gguf", "0.1G", **kw) is None
+    assert "already fits 8G" in lines[0] and "no file fits" in lines[1]
+    assert not (tmp_path / "big.gguf").exists() and not (tmp_path / "small.gguf").exists()
+    out = build_tier(src, tmp_path / "tier.gguf", "0.185G", **kw)
+    s = gguf_shapes(out)
+    assert fits(s, 8192, 0.185) and s.weights_bytes < gguf_shapes(src).weights_bytes / 1.5

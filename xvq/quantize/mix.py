@@ -499,7 +499,7 @@ def check_reachable(target: Target, tensors: list[TensorChoice], header: int, sr
     from xvq.release.fit import USABLE_FRACTION
     need = (low - budget) / 1e9 / USABLE_FRACTION + target.value
     raise XvqError(f"--fit {target.value:g}G at --ctx {target.ctx}: no file fits; the smallest achievable file "
-                   f"({header + low} bytes) needs a {need:.2f} GB machine at this context; use a smaller --ctx "
+                   f"({header + low} bytes) needs a {need:.4g} GB machine at this context; use a smaller --ctx "
                    f"or more RAM")
 
 
@@ -616,3 +616,27 @@ def quantize_mix(source: Path | str, target: Target, *, imatrix: str | Path | No
         f"KLD predicted {mix.kld_predicted:.5f}, measured {mix.kld_measured:.5f} on the calibration text; "
         f"chose in {mix.seconds_choosing:.1f} s; report {report}")
     return mix
+
+
+def build_tier(src: Path, out: Path, ram: str, *, imatrix, calib_text: str, ctx: int = 8192,
+               n_threads: int | None = None, log=print) -> Path | None:
+    """One release tier: the best mix `xvq fit` says fits `ram` at `ctx`, or None with a line
+    saying why it is skipped (larger than the Q8_0 file, or nothing fits)."""
+    from xvq.release.fit import parse_ram
+    target = Target("fit", parse_ram(ram), ctx)
+    tensors = model_tensors(src, set(imatrix.values()) if imatrix is not None else set())
+    q8 = sum(c.options.get("Q8_0", min(c.options.values())) if c.quantizable else c.options[c.src_type]
+             for c in tensors)
+    budget = tensor_budget(target, tensors, 0, src)
+    if budget >= q8:
+        log(f"tier {ram}: skipped, the Q8_0 file ({q8 / 1e9:.2f} GB of weights) already fits {ram} at {ctx} context")
+        return None
+    try:
+        check_reachable(target, tensors, estimated_header(src), src)
+    except XvqError as e:
+        log(f"tier {ram}: skipped, {e.message}")
+        return None
+    mix = choose_and_write(src, out, target, imatrix=imatrix, calib_text=calib_text, n_threads=n_threads,
+                           progress=False)
+    log(f"tier {ram}: {out.name} ({mix.bpw:.2f} bpw, {mix.size_bytes / 1e6:.1f} MB; {summary(mix.types)})")
+    return out

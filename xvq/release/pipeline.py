@@ -54,7 +54,7 @@ def model_hash(model_dir: Path) -> str:
 
 
 def build_ggufs(model_dir: Path, layout: Layout, types: list[str], stamps: Stamps, src_fp, log,
-                calib_tokens: int | None = None) -> list[Path]:
+                calib_tokens: int | None = None, tiers: tuple[str, ...] = ()) -> list[Path]:
     from xvq.convert import convert
     from xvq.quantize.gguf import calibration, default_uses_imatrix, parse_type, quantize
     from xvq.quantize.imatrix import compute_imatrix
@@ -63,7 +63,7 @@ def build_ggufs(model_dir: Path, layout: Layout, types: list[str], stamps: Stamp
                lambda: convert(model_dir, f16, "f16", name=layout.name))
     qts = [parse_type(t) for t in types]
     imat = layout.imatrix()
-    needs_imatrix = any(default_uses_imatrix(q) or q.needs_imatrix for q in qts)
+    needs_imatrix = bool(tiers) or any(default_uses_imatrix(q) or q.needs_imatrix for q in qts)
 
     def measure_imatrix():
         calib = calibration(tokenizer_dir=model_dir, **({"budget_tokens": calib_tokens} if calib_tokens else {}))
@@ -80,6 +80,26 @@ def build_ggufs(model_dir: Path, layout: Layout, types: list[str], stamps: Stamp
                    lambda q=q, use=use: quantize(f16, [q.name], imatrix=use, name=layout.name,
                                                  out_root=layout.root, log=log))
         outs.append(out)
+    return outs + build_tiers(model_dir, layout, tiers, stamps, f16, imat, log, calib_tokens)
+
+
+def build_tiers(model_dir: Path, layout: Layout, tiers, stamps: Stamps, f16: Path, imat: Path, log,
+                calib_tokens: int | None) -> list[Path]:
+    """One mixed GGUF per laptop tier (`--tiers 8G,16G`), at `xvq fit`'s default context."""
+    from xvq.quantize.gguf import calibration
+    from xvq.quantize.imatrix import Imatrix
+    from xvq.quantize.mix import build_tier
+    outs = []
+    for ram in tiers:
+        out = layout.gguf(f"xvq-{ram}")
+        made = []
+
+        def make(ram=ram, out=out):
+            calib = calibration(tokenizer_dir=model_dir, **({"budget_tokens": calib_tokens} if calib_tokens else {}))
+            made.append(build_tier(f16, out, ram, imatrix=Imatrix.load(imat), calib_text=calib.text, log=log))
+        stamps.run(f"tier-{ram.lower()}", {"gguf": fingerprint([f16]), "imatrix": fingerprint([imat])}, [], make)
+        if out.is_file():
+            outs.append(out)
     return outs
 
 
@@ -175,7 +195,7 @@ def manifest_meta(model_dir: Path, layout: Layout, data: dict, src_hash: str, le
 def release(model_dir: Path | str, *, name: str | None = None, out_root: Path | str | None = None,
             gguf_types=DEFAULT_GGUF_TYPES, gptq_bits=DEFAULT_GPTQ_BITS, force: bool = False,
             split_max_size: str = DEFAULT_SPLIT, validate_options: dict | None = None,
-            calib_tokens: int | None = None, log=print) -> ReleaseResult:
+            calib_tokens: int | None = None, tiers: tuple[str, ...] = (), log=print) -> ReleaseResult:
     from xvq.convert.writer import parse_size
     model_dir = Path(model_dir)
     config = read_config(model_dir)
@@ -183,7 +203,7 @@ def release(model_dir: Path | str, *, name: str | None = None, out_root: Path | 
     layout = Layout.for_model(model_dir, name, out_root)
     stamps = Stamps(layout.base / ".stamps", force)
     src_fp = fingerprint([f for f in model_dir.iterdir() if f.is_file()])
-    ggufs = build_ggufs(model_dir, layout, list(gguf_types), stamps, src_fp, log, calib_tokens)
+    ggufs = build_ggufs(model_dir, layout, list(gguf_types), stamps, src_fp, log, calib_tokens, tuple(tiers))
     gptqs = build_gptqs(model_dir, layout, list(gptq_bits), stamps, src_fp, calib_tokens)
     options = validate_options or {}
     data = run_validate(model_dir, layout, ggufs + gptqs, stamps, src_fp, options)
