@@ -136,6 +136,8 @@ def test_mix_fits_target_loads_and_records_itself(demo, tmp_path):
     ev = mix.make_evaluator(src, calib_text, n_threads=THREADS)   # the command's own chunks
     assert ev.kld(m.path) == pytest.approx(m.kld_measured, rel=1e-3)
     assert 0 < m.kld_measured < 0.1
+    from xvq.validate.artifacts import inspect
+    assert inspect(m.path).quant_type == "Q4_K_M-mix"        # validate labels (and gates) it by its class
 
 
 def test_target_below_smallest_file_fails_in_one_line(demo, tmp_path):

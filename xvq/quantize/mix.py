@@ -43,11 +43,10 @@ MAX_LAYER_PROBES = 8           # layers whose gain is measured; the others are i
 KEY_PREDICTED, KEY_MEASURED = "xvq.mix.kld_predicted", "xvq.mix.kld_measured"
 KEY_TARGET, KEY_TYPES = "xvq.mix.target", "xvq.mix.types"
 TYPES_PLACEHOLDER = "-" * 127  # kv strings are cut at 127 bytes: the header never exceeds this size
-# The llama.cpp file type recorded for a mix, from its most common weight type (llama.cpp's own
-# guess when a file has none: llama_model_loader), so tools and the validate gate read it sensibly.
-FTYPE_OF = {"IQ2_XXS": "IQ2_XXS", "IQ2_XS": "IQ2_XS", "IQ2_S": "IQ2_M", "Q2_K": "Q2_K", "IQ3_XXS": "IQ3_XXS",
-            "IQ3_S": "IQ3_S", "Q3_K": "Q3_K_M", "IQ4_XS": "IQ4_XS", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M",
-            "Q6_K": "Q6_K", "Q8_0": "Q8_0", "F16": "Q8_0"}
+# The llama.cpp file type recorded for a mix: the recipe with the most bits per weight at or below
+# the mix's (a 5.05 bpw mix reads as Q4_K_M), so tools and the validate gate treat it as that class.
+FTYPE_BY_BPW = (("Q2_K", 0.0), ("Q3_K_M", 3.4375), ("Q4_K_M", 4.5), ("Q5_K_M", 5.5), ("Q6_K", 6.5625),
+                ("Q8_0", 8.5))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -545,13 +544,13 @@ def choose_and_write(src: Path, out: Path | None, target: Target, *, imatrix, ca
         out = layout.gguf(f"xvq-{bpw:.2f}bpw")
         out = Path(outdir) / out.name if outdir is not None else out
     quant = {n: t for n, t in types.items() if by_name[n].quantizable}
-    main = max(set(quant.values()), key=lambda t: sum(by_name[n].n_elements for n, x in quant.items() if x == t))
+    ftype = [name for name, b in FTYPE_BY_BPW if b <= bpw][-1]
     kv = [(KEY_TARGET, target.describe()), (KEY_TYPES, summary(types)), (KEY_PREDICTED, predicted),
           (KEY_MEASURED, 0.0)]
     t1 = time.perf_counter()
     with atomic_output(out) as tmp, tqdm(total=2, desc="mix: write, measure", disable=not progress,
                                          leave=False) as bar:
-        quantize_with_types(src, tmp, FTYPE_OF[main], quant, imatrix=imatrix, extra_kv=kv, n_threads=n_threads or 0)
+        quantize_with_types(src, tmp, ftype, quant, imatrix=imatrix, extra_kv=kv, n_threads=n_threads or 0)
         bar.update()
         measured_kld = ev.kld(tmp)
         patch_float(tmp, KEY_MEASURED, measured_kld)
