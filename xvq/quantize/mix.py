@@ -35,6 +35,9 @@ from xvq.fsio import atomic_output
 # Candidates, cheapest first. IQ1_* are left out: llama.cpp's own docs call them unusable alone.
 CANDIDATES = ("IQ2_XXS", "Q2_K", "IQ3_XXS", "IQ3_S", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K",
               "Q6_K", "Q8_0", "F16")
+# Rows that no 256-block type divides (XVERSE-MoE's experts, 1728 wide) take the 32-block types
+# llama.cpp itself falls back to (tensor_type_fallback).
+ROW32_CANDIDATES = ("Q4_0", "IQ4_NL", "Q5_0", "Q5_1")
 CALIBRATION_TYPE = "Q3_K"      # ablations quantize one tensor to this (or its nearest candidate)
 SAMPLE_ROWS = 64               # rows per tensor whose error is measured (an unbiased sample)
 ALIGN = 32                     # GGUF tensor data alignment
@@ -143,7 +146,8 @@ def candidate_types(name: str, shape: tuple[int, ...], src_type: str, has_imatri
     src_bpw = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[src_type]]
     src_bits = src_bpw[1] * 8 / src_bpw[0]
     out = []
-    for t in CANDIDATES:
+    extra = ROW32_CANDIDATES if shape[-1] % 256 else ()
+    for t in CANDIDATES + extra:
         if shape[-1] % block_size(t):
             continue
         if requires_imatrix(t) and not has_imatrix:
