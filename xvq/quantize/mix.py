@@ -10,8 +10,8 @@
    every kind in one layer and one kind in every probed layer, fitted as
    log gain = kind term + layer term; the embedding and output tensors are measured directly.
 3. Choice: predicted KLD = sum of gain * error over tensors (small perturbations add), minimised
-   under the byte budget by a greedy walk along each tensor's lower convex hull (the Lagrangian
-   solution of this knapsack), then filled with the best single upgrades that still fit.
+   under the byte budget: a dynamic programme over the budget (sizes rounded up, so its answer
+   fits), then the best single upgrades that still fit in exact bytes.
 4. File: llama.cpp's quantizer writes it with one type override per tensor (standard types and
    keys only); the mix's predicted and measured KLD are recorded under xvq.mix.*.
 """
@@ -363,25 +363,6 @@ def data_offset(path: Path) -> int:
 # 3. The knapsack
 # ----------------------------------------------------------------------------------------------
 
-def hull(c: TensorChoice) -> list[str]:
-    """The types on the lower convex hull of (bytes, predicted KLD), cheapest first."""
-    pts = sorted(((c.options[t], c.predicted(t), t) for t in c.options), key=lambda p: (p[0], p[1]))
-    front = []
-    for p in pts:   # drop dominated: not better than a cheaper one
-        if not front or p[1] < front[-1][1]:
-            front.append(p)
-    h: list[tuple] = []
-    for p in front:
-        while len(h) >= 2:
-            (x1, y1, _), (x2, y2, _) = h[-2], h[-1]
-            if (y2 - y1) * (p[0] - x1) >= (p[1] - y1) * (x2 - x1):   # h[-1] lies above the chord
-                h.pop()
-            else:
-                break
-        h.append(p)
-    return [p[2] for p in h]
-
-
 def smallest(tensors: list[TensorChoice]) -> int:
     return sum(padded(min(c.options.values())) for c in tensors)
 
@@ -425,7 +406,7 @@ def solve(tensors: list[TensorChoice], budget: int, units: int = 20000) -> dict[
         b -= w[i]
     by_name = {c.name: c for c in tensors}
     used = sum(padded(by_name[nm].options[t]) for nm, t in choice.items())
-    # fill what is left with the single best upgrades (any type, not only hull steps)
+    # fill what the rounding left with the single best upgrades
     while True:
         best = None
         for c in q:
