@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from xvq.release.fit import compute_buffer_bytes, gguf_shapes, kv_cache_bytes
+from xvq.llamacpp.memory import compute_buffer_bytes, gguf_shapes, kv_cache_bytes
 
 MiB = 1 << 20
 REPORT = r"""

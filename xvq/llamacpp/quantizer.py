@@ -30,7 +30,7 @@ def _imatrix_array(C, values: dict[str, np.ndarray]):
     return arr, keep
 
 
-def _kv_overrides(C, kv: dict[str, str | int]):
+def _kv_overrides(C, kv: dict[str, str | int | float]):
     """llama_model_kv_override[] (strings cut to llama.cpp's 127 bytes), empty key terminated."""
     arr = (C.llama_model_kv_override * (len(kv) + 1))()
     for i, (key, val) in enumerate(kv.items()):
@@ -38,6 +38,9 @@ def _kv_overrides(C, kv: dict[str, str | int]):
         if isinstance(val, str):
             arr[i].tag = C.LLAMA_KV_OVERRIDE_TYPE_STR
             arr[i].value.val_str = val.encode("utf-8")[:127]
+        elif isinstance(val, float):
+            arr[i].tag = C.LLAMA_KV_OVERRIDE_TYPE_FLOAT
+            arr[i].value.val_f64 = val
         else:
             arr[i].tag = C.LLAMA_KV_OVERRIDE_TYPE_INT
             arr[i].value.val_i64 = int(val)
@@ -45,11 +48,25 @@ def _kv_overrides(C, kv: dict[str, str | int]):
     return arr
 
 
+def _tensor_overrides(C, types: dict[str, int]):
+    """One anchored pattern per tensor (what `llama-quantize --tensor-type NAME=TYPE` sets)."""
+    arr = (C.llama_model_tensor_override * (len(types) + 1))()
+    keep = []
+    for i, (name, qtype) in enumerate(sorted(types.items())):
+        keep.append(f"^{re.escape(name)}$".encode())
+        arr[i].pattern = keep[-1]
+        arr[i].type = qtype
+    arr[len(types)].pattern = None
+    return arr, keep
+
+
 def quantize_model(src: Path, dst: Path, *, ftype: int, n_threads: int = 0, allow_requantize: bool = False,
                    output_tensor_type: int | None = None, token_embedding_type: int | None = None,
-                   imatrix: dict[str, np.ndarray] | None = None, kv: dict[str, str | int] | None = None,
+                   imatrix: dict[str, np.ndarray] | None = None, kv: dict[str, str | int | float] | None = None,
+                   tensor_types: dict[str, int] | None = None,
                    on_progress: Callable[[int, int], None] | None = None) -> None:
-    """Write `dst` from `src`; XvqError with llama.cpp's own complaint when it refuses."""
+    """Write `dst` from `src`; `tensor_types` pins single tensors to ggml types (the others get
+    `ftype`'s recipe). XvqError with llama.cpp's own complaint when it refuses."""
     C = runtime._lib()
     p = C.llama_model_quantize_default_params()
     p.ftype, p.nthread, p.allow_requantize = ftype, n_threads, allow_requantize
@@ -60,6 +77,10 @@ def quantize_model(src: Path, dst: Path, *, ftype: int, n_threads: int = 0, allo
         arr, bufs = _imatrix_array(C, imatrix)
         p.imatrix = ctypes.cast(arr, ctypes.POINTER(C.llama_model_imatrix_data))
         keep += [arr, bufs]
+    if tensor_types:
+        tt, patterns = _tensor_overrides(C, tensor_types)
+        p.tt_overrides = ctypes.cast(tt, ctypes.POINTER(C.llama_model_tensor_override))
+        keep += [tt, patterns]
     if kv:
         kva = _kv_overrides(C, kv)
         p.kv_overrides = ctypes.cast(kva, ctypes.POINTER(C.llama_model_kv_override))

@@ -31,16 +31,30 @@ def quantize_group():
 @click.option("--calib-file", type=click.Path(path_type=Path), default=None,
               help="Measure the imatrix on this text instead of xvq's calibration set.")
 @click.option("--calib-tokens", type=int, default=None, help="Calibration budget in tokens (default 131072).")
-@click.option("--ctx", "n_ctx", type=int, default=512, show_default=True, help="imatrix chunk size in tokens.")
+@click.option("--ctx", "n_ctx", type=int, default=None,
+              help="imatrix chunk size in tokens (default 512); with --fit, the context to plan for (default 8192).")
+@click.option("--target-size", default=None,
+              help="One mixed GGUF no larger than SIZE (e.g. 17.5G), types chosen per tensor by measured "
+                   "sensitivity.")
+@click.option("--target-bpw", type=float, default=None, help="Like --target-size, in bits per weight (e.g. 4.5).")
+@click.option("--fit", "fit_ram", default=None, help="Like --target-size: the largest mix `xvq fit` says fits RAM "
+                                                   "(e.g. 16G) at --ctx.")
 @click.option("--threads", type=int, default=0, help="Threads (default: all cores).")
 @click.option("--gpu-layers", default="auto", show_default=True, help=GPU_LAYERS_HELP)
 def gguf_cmd(source, types, imatrix, outdir, outfile, output_tensor_type, token_embedding_type, name, out_root,
-             calib_file, calib_tokens, n_ctx, threads, gpu_layers):
+             calib_file, calib_tokens, n_ctx, target_size, target_bpw, fit_ram, threads, gpu_layers):
     """Quantize SOURCE (a GGUF, or a model folder: converted to the layout's f16 GGUF first)
     with llama.cpp's quantizer; several --type reuse one importance matrix."""
     from xvq.quantize.gguf import DEFAULT_CALIB_TOKENS, quantize
+    from xvq.quantize.mix import parse_target, quantize_mix
     if outdir is not None and outfile is not None:
         raise click.UsageError("give --outdir or --outfile, not both")
+    target = parse_target(target_size, target_bpw, fit_ram, n_ctx)
+    if target is not None:
+        quantize_mix(source, target, imatrix=imatrix, outdir=outdir, outfile=outfile, name=name, out_root=out_root,
+                     calib_file=calib_file, calib_tokens=calib_tokens, n_threads=threads, log=click.echo)
+        return
+    n_ctx = n_ctx or 512
     quantize(source, list(types), imatrix=imatrix, outdir=outdir, outfile=outfile, name=name, out_root=out_root,
              output_tensor_type=output_tensor_type, token_embedding_type=token_embedding_type,
              calib_file=calib_file, calib_tokens=calib_tokens or DEFAULT_CALIB_TOKENS, n_ctx=n_ctx,

@@ -107,6 +107,16 @@ def quantize_file(src: Path | str, out: Path | str, qtype: str | QuantType, *, i
     return out
 
 
+def quantize_with_types(src: Path, dst: Path, ftype: str, types: dict[str, str], *, imatrix: Imatrix | None = None,
+                        extra_kv: list[tuple[str, object]] = (), n_threads: int = 0) -> None:
+    """llama.cpp's quantizer writes `dst` with exactly `types` (tensor name -> ggml type) for the
+    tensors named; `ftype` names the recorded file type and decides the rest."""
+    quantize_model(src, dst, ftype=parse_type(ftype).ftype, n_threads=n_threads,
+                   imatrix=imatrix.values() if imatrix is not None else None,
+                   kv={**(imatrix_keys(imatrix) if imatrix is not None else {}), **dict(extra_kv)},
+                   tensor_types={n: int(gguf.GGMLQuantizationType[t]) for n, t in types.items()})
+
+
 # ----------------------------------------------------------------------------------------------
 # convert → imatrix → quantize: `xvq quantize gguf` and `xvq release`
 # ----------------------------------------------------------------------------------------------
@@ -143,6 +153,34 @@ def measure_imatrix(src: Path, target: Path, *, calib_file: Path | None = None,
     return im
 
 
+def resolve_imatrix(spec: str | Path | None, src: Path, layout, stamps: Stamps, *, needed: bool,
+                    calib_file: Path | None = None, calib_tokens: int = DEFAULT_CALIB_TOKENS,
+                    tokenizer_dir: Path | None = None, n_ctx: int = 512, n_threads: int = 0,
+                    gpu_layers: str | int | None = "auto", progress: bool = True, log=print) -> Imatrix | None:
+    """--imatrix none|auto|FILE. auto, when `needed`: the layout's imatrix, measured unless its
+    stamp says it was made from this GGUF's content and this calibration."""
+    spec = "auto" if spec is None else str(spec)
+    if spec.lower() == "none" or (spec.lower() == "auto" and not needed):
+        return None
+    info = read_source(src)
+    if spec.lower() != "auto":
+        im = Imatrix.load(spec)
+        im.check_model(info.tensors, src)
+        return im
+    target = layout.imatrix()
+
+    def measure():
+        measure_imatrix(src, target, calib_file=calib_file, calib_tokens=calib_tokens, tokenizer_dir=tokenizer_dir,
+                        n_ctx=n_ctx, n_threads=n_threads, gpu_layers=gpu_layers, progress=progress, log=log)
+    inputs = {"gguf": fingerprint([src]), "calib_file": fingerprint([calib_file]) if calib_file else None,
+              "calib_tokens": calib_tokens}
+    if not stamps.run("imatrix", inputs, [target], measure):
+        log(f"reusing importance matrix {target}")
+    im = Imatrix.load(target)
+    im.check_model(info.tensors, src)
+    return im
+
+
 def make_ggufs(source: Path | str, qts: list[QuantType], layout, outs: list[Path], *,
                imatrix: str | Path | None = "auto", calib_file: Path | None = None,
                calib_tokens: int = DEFAULT_CALIB_TOKENS, n_ctx: int = 512, n_threads: int = 0,
@@ -160,25 +198,11 @@ def make_ggufs(source: Path | str, qts: list[QuantType], layout, outs: list[Path
     info = read_source(src)
     for qt in qts:   # fail before any work, not after the first type
         check_requantize(info, qt)
-    spec = "auto" if imatrix is None else str(imatrix)
-    auto = spec.lower() == "auto"
-    im = None
-    if spec.lower() != "none" and not auto:
-        im = Imatrix.load(spec)
-        im.check_model(info.tensors, src)
-    elif auto and any(q.gets_imatrix(auto) for q in qts):
-        target = layout.imatrix()
-
-        def measure():
-            measure_imatrix(src, target, calib_file=calib_file, calib_tokens=calib_tokens,
-                            tokenizer_dir=source if source.is_dir() else None, n_ctx=n_ctx, n_threads=n_threads,
-                            gpu_layers=gpu_layers, progress=progress, log=log)
-        inputs = {"gguf": fingerprint([src]), "calib_file": fingerprint([calib_file]) if calib_file else None,
-                  "calib_tokens": calib_tokens}
-        if not stamps.run("imatrix", inputs, [target], measure):
-            log(f"reusing importance matrix {target}")
-        im = Imatrix.load(target)
-        im.check_model(info.tensors, src)
+    auto = str(imatrix or "auto").lower() == "auto"
+    im = resolve_imatrix(imatrix, src, layout, stamps, needed=any(q.gets_imatrix(auto) for q in qts),
+                         calib_file=calib_file, calib_tokens=calib_tokens,
+                         tokenizer_dir=source if source.is_dir() else None, n_ctx=n_ctx, n_threads=n_threads,
+                         gpu_layers=gpu_layers, progress=progress, log=log)
     written = []
     for qt, out in tqdm(list(zip(qts, outs)), desc="quantize", unit="type", disable=not progress or len(qts) < 2):
         use = im if im is not None and qt.gets_imatrix(auto) else None

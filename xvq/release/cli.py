@@ -31,14 +31,16 @@ def release_cmd():
 @click.option("--split-max-size", default="48G", show_default=True, help="Split GGUFs larger than this.")
 @click.option("--max-tokens", type=int, default=None, help="Cap the validation text (tokens).")
 @click.option("--calib-tokens", type=int, default=None, help="Calibration budget for imatrix and GPTQ.")
+@click.option("--tiers", default="", help="Also one mixed GGUF per laptop RAM tier, e.g. 8G,16G,32G,64G "
+                                           "(xvq fit's 8,192 context; see docs/mix.md).")
 @click.option("--force", is_flag=True, help="Redo every step.")
 @click.option("--gpu-layers", default="auto", show_default=True, help=GPU_LAYERS_HELP)
 @click.option("--allow-partial", is_flag=True, help="Exit 0 even when the gate left artifacts out.")
 @click.option("--verbose", "-v", is_flag=True,
               help="Show every library's output (GPTQModel, transformers, torch, llama.cpp) instead of one "
                    "progress bar per step (quiet runs keep it in out/<name>/logs/).")
-def build_cmd(model_dir, name, out_root, gguf_types, gptq_bits, split_max_size, max_tokens, calib_tokens, force,
-              gpu_layers, allow_partial, verbose):
+def build_cmd(model_dir, name, out_root, gguf_types, gptq_bits, split_max_size, max_tokens, calib_tokens, tiers,
+              force, gpu_layers, allow_partial, verbose):
     """Build → validate → package MODEL_DIR into out/<name>/release/."""
     from xvq.errors import XvqError
     from xvq.release.pipeline import DEFAULT_GGUF_TYPES, DEFAULT_GPTQ_BITS, release
@@ -48,7 +50,8 @@ def build_cmd(model_dir, name, out_root, gguf_types, gptq_bits, split_max_size, 
     options = ({"max_tokens": max_tokens} if max_tokens else {}) | {"gpu_layers": gpu_layers}
     r = release(model_dir, name=name, out_root=out_root, gguf_types=gguf_types or DEFAULT_GGUF_TYPES,
                 gptq_bits=bits, force=force, split_max_size=split_max_size, validate_options=options,
-                calib_tokens=calib_tokens, log=click.echo, verbose=verbose)
+                calib_tokens=calib_tokens, tiers=tuple(t.strip().upper() for t in tiers.split(",") if t.strip()),
+                log=click.echo, verbose=verbose)
     click.echo(f"steps run: {', '.join(r.ran) or 'none'}; up to date: {', '.join(r.skipped) or 'none'}")
     for item in r.left_out:
         click.echo(f"LEFT OUT {Path(item['path']).name}: {'; '.join(item['reasons'])}")

@@ -59,13 +59,37 @@ def model_hash(model_dir: Path) -> str:
 
 
 def build_ggufs(model_dir: Path, layout: Layout, types: list[str], stamps: Stamps, log,
-                calib_tokens: int | None = None, gpu_layers: str | int | None = "auto") -> list[Path]:
+                calib_tokens: int | None = None, gpu_layers: str | int | None = "auto",
+                tiers: tuple[str, ...] = ()) -> list[Path]:
     from xvq.llamacpp import parse_type
     from xvq.quantize import DEFAULT_CALIB_TOKENS, make_ggufs
     qts = [parse_type(t) for t in types]
-    return make_ggufs(model_dir, qts, layout, [layout.gguf(q.name) for q in qts],
+    outs = make_ggufs(model_dir, qts, layout, [layout.gguf(q.name) for q in qts],
                       calib_tokens=calib_tokens or DEFAULT_CALIB_TOKENS, gpu_layers=gpu_layers,
                       stamps=stamps, reuse_outputs=True, log=log)
+    return outs + build_tiers(model_dir, layout, tiers, stamps, log, calib_tokens)
+
+
+def build_tiers(model_dir: Path, layout: Layout, tiers, stamps: Stamps, log, calib_tokens: int | None) -> list[Path]:
+    """One mixed GGUF per laptop tier (`--tiers 8G,16G`), at `xvq fit`'s default context."""
+    from xvq.calib_data import calibration
+    from xvq.quantize import DEFAULT_CALIB_TOKENS, Imatrix, build_tier
+    f16, imat = layout.gguf("f16"), layout.imatrix()
+    if tiers and not imat.is_file():
+        log("tiers skipped: they are chosen with the importance matrix, which no requested type measured "
+            "(add a type below Q6_K)")
+        return []
+    outs = []
+    for ram in tiers:
+        out = layout.gguf(f"xvq-{ram}")
+
+        def make(ram=ram, out=out):
+            calib = calibration(budget_tokens=calib_tokens or DEFAULT_CALIB_TOKENS, tokenizer_dir=model_dir)
+            build_tier(f16, out, ram, imatrix=Imatrix.load(imat), calib_text=calib.text, log=log)
+        stamps.run(f"tier-{ram.lower()}", {"gguf": fingerprint([f16]), "imatrix": fingerprint([imat])}, [], make)
+        if out.is_file():
+            outs.append(out)
+    return outs
 
 
 def build_gptqs(model_dir: Path, layout: Layout, bits: list[int], stamps: Stamps, src_fp,
@@ -165,7 +189,8 @@ def manifest_meta(model_dir: Path, layout: Layout, data: dict, src_hash: str, le
 def release(model_dir: Path | str, *, name: str | None = None, out_root: Path | str | None = None,
             gguf_types=DEFAULT_GGUF_TYPES, gptq_bits=DEFAULT_GPTQ_BITS, force: bool = False,
             split_max_size: str = DEFAULT_SPLIT, validate_options: dict | None = None,
-            calib_tokens: int | None = None, log=print, verbose: bool | None = None) -> ReleaseResult:
+            calib_tokens: int | None = None, tiers: tuple[str, ...] = (), log=print,
+            verbose: bool | None = None) -> ReleaseResult:
     """verbose None: every library prints as it likes (for callers with their own logging);
     False: one progress bar per step, each step's output in out/<name>/logs/; True: all of it."""
     model_dir = Path(model_dir)
@@ -176,21 +201,21 @@ def release(model_dir: Path | str, *, name: str | None = None, out_root: Path | 
     stamps = Stamps(layout.base / ".stamps", force)
     if verbose is None:
         return _release(model_dir, layout, stamps, gguf_types, gptq_bits, split_max_size, validate_options,
-                        calib_tokens, log)
+                        calib_tokens, log, tiers)
     from xvq.quiet import Steps, set_verbosity
     set_verbosity(verbose)
     with Steps(stamps, layout.base / "logs", verbose) as steps:
         r = _release(model_dir, layout, steps, gguf_types, gptq_bits, split_max_size, validate_options,
-                     calib_tokens, log)
+                     calib_tokens, log, tiers)
     r.logs = None if verbose else layout.base / "logs"
     return r
 
 
 def _release(model_dir: Path, layout: Layout, stamps, gguf_types, gptq_bits, split_max_size: str,
-             validate_options: dict | None, calib_tokens: int | None, log) -> ReleaseResult:
+             validate_options: dict | None, calib_tokens: int | None, log, tiers=()) -> ReleaseResult:
     src_fp = source_identity(model_dir, stamps.cache)   # by content: every step after a changed source reruns
     ggufs = build_ggufs(model_dir, layout, list(gguf_types), stamps, log, calib_tokens,
-                        (validate_options or {}).get("gpu_layers", "auto"))
+                        (validate_options or {}).get("gpu_layers", "auto"), tuple(tiers))
     gptqs = build_gptqs(model_dir, layout, list(gptq_bits), stamps, src_fp, calib_tokens)
     options = validate_options or {}
     data = run_validate(model_dir, layout, ggufs + gptqs, stamps, src_fp, options)

@@ -50,6 +50,8 @@ def inspect_gguf(path: Path) -> ArtifactInfo:
             if i == 0:
                 ft = r.fields.get("general.file_type")
                 info.quant_type = file_type_name(int(ft.contents())) if ft else None
+                if "xvq.mix.target" in r.fields:   # a mix (docs/mix.md): gated by its main type, labelled apart
+                    info.quant_type = f"{info.quant_type}-mix"
                 toks = r.fields.get("tokenizer.ggml.tokens")
                 if toks is not None:
                     info.tokens = toks.contents()

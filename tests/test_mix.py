@@ -1,0 +1,178 @@
+"""Mixed-precision GGUF for a target size (xvq.quantize.mix): ggml's kernels as llama-quantize
+uses them, predicted against measured sensitivity (held-out single-tensor ablations), the
+knapsack against exhaustive search, the written file against its target and llama.cpp's loader,
+and a target below the smallest file. Quality against the stock recipes: bench/mix.py."""
+from __future__ import annotations
+
+import itertools
+
+import gguf
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from tests.conftest import DEMO
+
+THREADS = 1    # shared test machine: llama.cpp's spinning worker threads only slow it down
+CTX = 128      # the tests' chunks; the command uses 256 (KLD_CHUNKS of them)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The demo model as f16 GGUF, a small xvq imatrix on the calibration split, the text."""
+    from xvq.convert import convert
+    from xvq.calib_data import calibration
+    from xvq.quantize.imatrix import compute_imatrix
+    if not (DEMO / "config.json").is_file():
+        pytest.skip("demo model (xvq/demo/model) not present")
+    d = tmp_path_factory.mktemp("mix")
+    src = convert(DEMO, d / "demo-f16.gguf", "f16", progress=False)[0]
+    calib = calibration(None, budget_tokens=8192, tokenizer_dir=DEMO)
+    im = compute_imatrix(src, calib.text, dataset="calib", n_ctx=CTX, n_threads=THREADS, progress=False)
+    im.save(d / "demo.imatrix.gguf")
+    return src, im, calib.text, d
+
+
+def test_kernels_quantize_as_llama_quantize_does(demo):
+    """ggml_quantize_chunk through xvq.llamacpp.kernels gives the bytes llama_model_quantize
+    writes (with and without an imatrix), and to_float inverts them as gguf-py's dequantizer does."""
+    from xvq.llamacpp.kernels import dequantize_rows, quantize_rows
+    from xvq.quantize.gguf import quantize_file
+    src, im, _, d = demo
+    stock = quantize_file(src, d / "q4km.gguf", "Q4_K_M", imatrix=im, n_threads=THREADS, progress=False)
+    theirs = {t.name: t for t in gguf.GGUFReader(stock).tensors}
+    w = {t.name: np.asarray(t.data, np.float32) for t in gguf.GGUFReader(src).tensors}
+    for name, imx in (("blk.0.ffn_up.weight", im.values()["blk.0.ffn_up.weight"]), ("output.weight", None)):
+        t = theirs[name]
+        ours = quantize_rows(t.tensor_type.name, w[name], imx)
+        assert ours.tobytes() == np.asarray(t.data).tobytes(), name
+        rows, cols = w[name].shape
+        back = dequantize_rows(t.tensor_type.name, ours, rows, cols)
+        np.testing.assert_array_equal(back.reshape(-1), gguf.quants.dequantize(t.data, t.tensor_type).reshape(-1))
+
+
+def spearman(a, b) -> float:
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def test_predicted_sensitivity_ranks_like_measured_kld(demo, tmp_path):
+    """Predicted KLD per tensor (error x gains calibrated by a few ablations on the calibration
+    split) against KLD measured by quantizing each tensor alone, on the held-out split, at a type
+    the calibration did not use (Q2_K; calibration uses Q3_K): Spearman >= 0.8 over every tensor."""
+    from xvq.calib_data import heldout_texts
+    from xvq.quantize.gguf import quantize_with_types
+    from xvq.quantize import mix
+    src, im, calib_text, _ = demo
+    tensors = mix.model_tensors(src, set(im.values()))
+    mix.measure_errors(src, tensors, im.values(), progress=False)
+    ev = mix.make_evaluator(src, calib_text, CTX, n_threads=THREADS)
+    plan = mix.ablation_plan(tensors)
+    measured_cal, _ = mix.ablate(src, tensors, plan, ev, im, tmp_path, [], progress=False)
+    mix.fit_gains(tensors, measured_cal)
+    held = mix.make_evaluator(src, "\n\n".join(heldout_texts().values()), CTX, n_chunks=4, n_threads=THREADS)
+    q = [c for c in tensors if c.quantizable]
+    keep = {c.name: c.src_type for c in q}
+    predicted, measured = [], []
+    for c in q:
+        quantize_with_types(src, tmp_path / "one.gguf", "Q8_0", keep | {c.name: "Q2_K"}, imatrix=im, n_threads=THREADS)
+        measured.append(held.kld(tmp_path / "one.gguf"))
+        predicted.append(c.predicted("Q2_K"))
+    rho = spearman(predicted, measured)
+    print(f"Spearman predicted vs measured (held-out, Q2_K, {len(q)} tensors, {len(plan)} ablations): {rho:.3f}")
+    assert len(q) == 30 and len(plan) < len(q) / 2
+    assert rho >= 0.8, list(zip([c.name for c in q], predicted, measured))
+
+
+def test_knapsack_matches_exhaustive_search():
+    """solve() against every assignment of a small instance: within the budget, and its
+    predicted KLD no worse than 2% above the true optimum (greedy on convex hulls + fill)."""
+    from xvq.quantize.mix import TensorChoice, padded, solve
+    rng = np.random.default_rng(0)
+    types = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+    sizes = np.array([84, 110, 144, 176, 210])
+    tensors = []
+    for i in range(6):
+        rows = int(rng.integers(1, 6)) * 100
+        c = TensorChoice(f"blk.{i}.w", (rows, 256), "F16", True, gain=float(rng.uniform(0.2, 5)))
+        c.options = {t: int(s) * rows for t, s in zip(types, sizes)}
+        base = rng.uniform(0.5, 2)
+        c.error = {t: float(base * 4.0 ** -k * rng.uniform(0.8, 1.2)) for k, t in enumerate(types)}
+        tensors.append(c)
+    for frac in (0.2, 0.45, 0.7):
+        lo = sum(padded(min(c.options.values())) for c in tensors)
+        hi = sum(padded(max(c.options.values())) for c in tensors)
+        budget = int(lo + frac * (hi - lo))
+        best = min(sum(c.predicted(t) for c, t in zip(tensors, combo))
+                   for combo in itertools.product(types, repeat=len(tensors))
+                   if sum(padded(c.options[t]) for c, t in zip(tensors, combo)) <= budget)
+        got = solve(tensors, budget)
+        assert sum(padded(c.options[got[c.name]]) for c in tensors) <= budget
+        assert sum(c.predicted(got[c.name]) for c in tensors) <= best * 1.02
+
+
+def test_mix_fits_target_loads_and_records_itself(demo, tmp_path):
+    """At the stock Q4_K_M file's size: no larger, every tensor in the type chosen, only standard
+    types, loads in llama.cpp, and the recorded measured KLD is what llama.cpp's logits give."""
+    from xvq.layout import Layout
+    from xvq.quantize import mix
+    from xvq.quantize.gguf import quantize_file
+    src, im, calib_text, d = demo
+    stock = d / "q4km.gguf"
+    if not stock.is_file():
+        stock = quantize_file(src, stock, "Q4_K_M", imatrix=im, n_threads=THREADS, progress=False)
+    m = mix.choose_and_write(src, None, mix.Target("size", stock.stat().st_size), imatrix=im, calib_text=calib_text,
+                             layout=Layout("demo", tmp_path), n_threads=THREADS, progress=False)
+    assert m.path.name == f"demo-xvq-{m.bpw:.2f}bpw.gguf" and m.path.parent == tmp_path / "demo" / "gguf"
+    assert m.path.stat().st_size <= stock.stat().st_size
+    r = gguf.GGUFReader(m.path)
+    assert {t.name: t.tensor_type.name for t in r.tensors} == m.types
+    assert len(set(m.types.values()) - {"F32"}) >= 2                      # a real mix
+    assert r.fields[mix.KEY_MEASURED].contents() == pytest.approx(m.kld_measured, rel=1e-6)
+    assert r.fields[mix.KEY_PREDICTED].contents() == pytest.approx(m.kld_predicted, rel=1e-6)
+    assert r.fields[mix.KEY_TARGET].contents() == f"size<={stock.stat().st_size}"
+    assert not [k for k in r.fields if k.startswith("xvq.") and k not in
+                (mix.KEY_MEASURED, mix.KEY_PREDICTED, mix.KEY_TARGET, mix.KEY_TYPES)]
+    ev = mix.make_evaluator(src, calib_text, n_threads=THREADS)   # the command's own chunks
+    assert ev.kld(m.path) == pytest.approx(m.kld_measured, rel=1e-3)
+    assert 0 < m.kld_measured < 0.1
+    from xvq.validate.artifacts import inspect
+    assert inspect(m.path).quant_type == "Q4_K_M-mix"        # validate labels (and gates) it by its class
+
+
+def test_target_below_smallest_file_fails_in_one_line(demo, tmp_path):
+    from xvq.cli import main
+    src, im, _, d = demo
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["quantize", "gguf", str(src), "--target-size", "1M", "--out-root", str(out),
+                                  "--imatrix", str(d / "demo.imatrix.gguf")])
+    assert r.exit_code == 1
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and "smallest file this model can make" in lines[0], r.output
+    smallest = int(lines[0].split("give at least ")[1])
+    assert 1_000_000 < smallest < src.stat().st_size / 4
+    assert not out.exists()
+    r = CliRunner().invoke(main, ["quantize", "gguf", str(src), "--target-bpw", "1.5", "--out-root", str(out),
+                                  "--imatrix", str(d / "demo.imatrix.gguf")])
+    assert r.exit_code == 1 and "smallest mix" in r.output and not out.exists()
+    r = CliRunner().invoke(main, ["quantize", "gguf", str(src), "--fit", "0.002G", "--ctx", "8192",
+                                  "--out-root", str(out), "--imatrix", str(d / "demo.imatrix.gguf")])
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "no file fits; the smallest achievable file" in r.output and not out.exists()
+
+
+def test_release_tiers_skip_or_fit(demo, tmp_path):
+    """A tier above the Q8_0 file and one too small are skipped with a line saying why; one in
+    between gives a mix that `xvq fit` (the estimate checked against llama.cpp) says fits."""
+    from xvq.quantize.mix import build_tier
+    from xvq.llamacpp.memory import fits, gguf_shapes
+    src, im, calib_text, _ = demo
+    lines = []
+    kw = dict(imatrix=im, calib_text=calib_text, n_threads=THREADS, log=lines.append)
+    assert build_tier(src, tmp_path / "big.gguf", "8G", **kw) is None
+    assert build_tier(src, tmp_path / "small.gguf", "0.1G", **kw) is None
+    assert "already fits 8G" in lines[0] and "no file fits" in lines[1]
+    assert not (tmp_path / "big.gguf").exists() and not (tmp_path / "small.gguf").exists()
+    out = build_tier(src, tmp_path / "tier.gguf", "0.185G", **kw)
+    s = gguf_shapes(out)
+    assert fits(s, 8192, 0.185) and s.weights_bytes < gguf_shapes(src).weights_bytes / 1.5
