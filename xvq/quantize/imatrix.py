@@ -15,7 +15,6 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 import gguf
 import numpy as np
 from tqdm import tqdm
