@@ -349,7 +349,10 @@ def test_convert_full_disk_without_errno(bin_model, tmp_path, monkeypatch):
     def full(*a):
         raise OSError("524288 requested and 0 written")
     monkeypatch.setattr(writer, "encode", full)
-    monkeypatch.setattr(fsio.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 4096))
+    # room when convert checks before writing, none once the write has failed
+    free = iter([10 << 30])
+    monkeypatch.setattr(fsio.shutil, "disk_usage",
+                        lambda p: shutil._ntuple_diskusage(20 << 30, 10 << 30, next(free, 4096)))
     msg = error_line(invoke("convert", bin_model, "--outfile", tmp_path / "out" / "m.gguf"))
     assert "disk full" in msg and "m.gguf" in msg and "None" not in msg
     assert tree(tmp_path / "out") == []
@@ -367,7 +370,10 @@ def test_quantize_full_disk_blames_the_output(tmp_path, monkeypatch):
         Path(dst_b.decode()).write_bytes(b"GGUF" + b"\0" * 100)
         return 1
     monkeypatch.setattr(C, "llama_model_quantize", full_disk_quantize)
-    monkeypatch.setattr(fsio.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 0))
+    # room when quantize checks before writing, none once llama.cpp's write has failed
+    free = iter([10 << 30])
+    monkeypatch.setattr(fsio.shutil, "disk_usage",
+                        lambda p: shutil._ntuple_diskusage(20 << 30, 10 << 30, next(free, 0)))
     out = tmp_path / "out" / "q.gguf"
     msg = error_line(invoke("quantize", "gguf", src, "--type", "Q8_0", "--imatrix", "none", "--outfile", out))
     assert "disk full" in msg and str(out) in msg and "demo-f16" not in msg

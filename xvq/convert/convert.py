@@ -13,9 +13,9 @@ from xvq.checkpoint import Checkpoint, open_checkpoint
 from xvq.convert.vocab import add_vocab
 from xvq.convert.writer import OUTTYPES, StreamingWriter, tensor_type
 from xvq.errors import XvqError
-from xvq.fsio import disk_full, disk_full_error, partial_output
+from xvq.fsio import disk_full, disk_full_error, partial_output, require_free
 from xvq.layout import model_name
-from xvq.llamacpp import parse_size
+from xvq.llamacpp import parse_size, tensor_nbytes
 from xvq.models import Family, family_for
 
 
@@ -133,6 +133,9 @@ def convert(model_dir: Path | str, outfile: Path | str, outtype: str = "f16", *,
         w.kv_data[0].pop(gguf.Keys.Tokenizer.CHAT_TEMPLATE, None)
         w.add_chat_template(template)
     plans = [w.plan(t, tensor_type(t, outtype)) for t in tensors]
+    # before minutes of writing, not at the end of them (plus 1 MiB for the header and vocabulary)
+    require_free(outfile.parent, sum(tensor_nbytes(p.tensor.shape, p.qtype) for p in plans) + (1 << 20),
+                 f"{outfile.name}")
 
     try:
         with partial_output(outfile, is_dir=True) as staging:

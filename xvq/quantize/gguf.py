@@ -9,11 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
+import numpy as np
 from tqdm import tqdm
 
 from xvq.calib_data import DEFAULT_TOKENS as DEFAULT_CALIB_TOKENS
 from xvq.errors import XvqError
-from xvq.fsio import atomic_output
+from xvq.fsio import atomic_output, require_free
 from xvq.identity import source_identity
 from xvq.llamacpp import QuantType, parse_ggml_type, parse_type, quantize_model, read_model_header, type_bpw
 from xvq.quantize.imatrix import Imatrix, compute_imatrix
@@ -93,6 +94,10 @@ def quantize_file(src: Path | str, out: Path | str, qtype: str | QuantType, *, i
     elif qt.needs_imatrix:
         raise XvqError(f"--type {qt.name} requires an importance matrix (llama.cpp refuses without one); "
                        f"use --imatrix auto or --imatrix FILE")
+    # llama.cpp reports a full disk only after writing most of the file: check first (an upper
+    # bound: every tensor at the main type's bits, plus the bits llama.cpp's mixes add to a few)
+    weights = sum(int(np.prod(shape)) for shape in info.tensors.values())
+    require_free(out.parent, int(weights * (qt.bpw + 2) / 8) + (1 << 20), out.name)
     out_type = parse_ggml_type(output_tensor_type, "--output-tensor-type")
     embd_type = parse_ggml_type(token_embedding_type, "--token-embedding-type")
     with atomic_output(out) as tmp, tqdm(desc=f"quantize {qt.name}", unit="tensor", disable=not progress,

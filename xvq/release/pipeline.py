@@ -66,7 +66,7 @@ def build_ggufs(model_dir: Path, layout: Layout, types: list[str], stamps: Stamp
     qts = [parse_type(t) for t in types]
     outs = make_ggufs(model_dir, qts, layout, [layout.gguf(q.name) for q in qts],
                       calib_tokens=calib_tokens or DEFAULT_CALIB_TOKENS, gpu_layers=gpu_layers,
-                      stamps=stamps, reuse_outputs=True, log=log)
+                      stamps=stamps, reuse_outputs=True, progress=False, log=log)   # a bar per step: xvq.quiet
     return outs + build_tiers(model_dir, layout, tiers, stamps, log, calib_tokens)
 
 
