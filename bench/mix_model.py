@@ -29,7 +29,7 @@ def train(out: Path = DEFAULT_OUT, steps: int = 200) -> Path:
     import xvq  # noqa: F401  (registers xverse with transformers)
     from transformers import AutoConfig, AutoModelForCausalLM
     from xvq.calib_data import corpus_texts
-    from xvq.demo.train import DEMO_CONFIG, batches, training_ids
+    from xvq.demo.train import DEMO_CONFIG, batches, train_step, training_ids
     from xvq.fsio import atomic_output
 
     torch.manual_seed(SEED)
@@ -46,13 +46,7 @@ def train(out: Path = DEFAULT_OUT, steps: int = 200) -> Path:
         data = batches(ids, SEQ, BATCH, torch.Generator().manual_seed(SEED))
         t0 = time.time()
         for step in range(steps):
-            x, y = next(data)
-            loss = torch.nn.functional.cross_entropy(model(x).logits.flatten(0, 1), y.flatten())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
+            loss = train_step(model, opt, sched, *next(data))
             if step % 20 == 0 or step + 1 == steps:
                 print(f"step {step + 1}/{steps} loss {loss.item():.3f} ({time.time() - t0:.0f} s)", flush=True)
         model.to(torch.bfloat16).save_pretrained(tmp)

@@ -42,6 +42,18 @@ def batches(ids, seq: int, batch: int, gen):
         yield x[:, :-1], x[:, 1:]
 
 
+def train_step(model, opt, sched, x, y):
+    """One AdamW step on next-token cross-entropy, gradients clipped at 1; returns the loss."""
+    import torch
+    loss = torch.nn.functional.cross_entropy(model(x).logits.flatten(0, 1), y.flatten())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    return loss
+
+
 def heldout_loss(model, ids, seq: int, device: str) -> float:
     import torch
     n = (len(ids) - 1) // seq
@@ -98,13 +110,7 @@ def main(out: Path, steps: int, seq: int, batch: int, lr: float, seed: int, devi
         bar = tqdm(range(steps), desc="train demo")
         best = (float("inf"), None, 0)
         for step in bar:
-            x, y = (t.to(device) for t in next(data))
-            loss = torch.nn.functional.cross_entropy(model(x).logits.flatten(0, 1), y.flatten())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
+            loss = train_step(model, opt, sched, *(t.to(device) for t in next(data)))
             if (step + 1) % 25 == 0 or step + 1 == steps:
                 # the corpus is small: keep the weights that generalise best, not the last ones
                 val = heldout_loss(model, heldout_ids, seq, device)
