@@ -176,6 +176,24 @@ def texts() -> tuple[Path, Path]:
     return calib, evaluation
 
 
+def convert_must_hold(timeout: float) -> None:
+    """Issue 16's bound: one full-width layer of XVERSE-65B (and its 100,534-row vocabulary) and one
+    of MoE-A36B with all 64 stacked experts of 6144 x 4096 convert in under 1 GB of anonymous memory
+    (written as safetensors: a 12 GB pickle would first have to be built in this machine's RAM)."""
+    from xvq.synth import write_random_safetensors
+    for name, experts in (("XVERSE-65B", 0), ("XVERSE-MoE-A36B", 64)):
+        cfg = slice_config(full_config(name), 1, experts)
+        folder = WORK / name / "must-hold"
+        shutil.rmtree(folder, ignore_errors=True)
+        write_random_safetensors(folder / "model", cfg, dtype="bfloat16", shard_bytes=4 << 30)
+        tokenizer_for(cfg, folder / "model")
+        r = run_stage(xvq("convert", folder / "model", "--outfile", folder / "f16.gguf"), [folder / "f16.gguf"], timeout)
+        ckpt = size_of([folder / "model"]) / 1e9
+        print(f"| {name} 1 layer{f', {experts} experts' if experts else ''} | {ckpt:.1f} GB bf16 | {r['s']:.0f} s | "
+              f"{r['mb']:.0f} MB | {'PASS' if r['ok'] and r['mb'] < 1000 else 'FAIL ' + r['err']} |", flush=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="the two smallest models only")
@@ -183,9 +201,14 @@ def main() -> None:
     ap.add_argument("--stages", nargs="*", default=STAGES)
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per stage")
     ap.add_argument("--json", type=Path, default=None, help="also write the measurements here")
+    ap.add_argument("--convert-must-hold", action="store_true",
+                    help="only convert one full-width layer of XVERSE-65B and of MoE-A36B (64 experts): peak < 1 GB")
     a = ap.parse_args()
     if not (SHARED / "xverse-configs").is_dir():
         sys.exit(f"needs {SHARED}/xverse-configs and xverse-style-tokenizer (the real models' shapes)")
+    if a.convert_must_hold:
+        print("| slice | checkpoint | convert time | peak anon memory | < 1 GB |\n|---|---|---|---|---|")
+        return convert_must_hold(a.timeout)
     models = a.models or (QUICK if a.quick else MODELS)
     tx = texts()
     rows = []
