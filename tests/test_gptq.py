@@ -216,12 +216,11 @@ def spm_tokenizer_dir(tmp_path_factory) -> Path:
     return d
 
 
-def test_llama_spm_int8_cli_layout(tmp_path, spm_tokenizer_dir, monkeypatch):
+def test_llama_spm_int8_cli_layout(tmp_path, spm_tokenizer_dir):
     """LLaMA with a SentencePiece vocabulary (Ziya's kind) through `xvq quantize gptq` and the layout."""
     from click.testing import CliRunner
     from transformers import AutoTokenizer
 
-    import xvq.quantize.gptq as gptq
     from xvq.cli import main
     src = structured_checkpoint(tmp_path / "tiny-llama", "llama", spm_tokenizer_dir, num_key_value_heads=2)
     res = CliRunner().invoke(main, ["quantize", "gptq", str(src), "--out-root", str(tmp_path / "out"),
