@@ -43,9 +43,9 @@ def timed(fn, *a, **kw):
     return out, time.perf_counter() - t
 
 
-def run_tool(name: str, *args) -> float:
+def run_tool(name: str, *args, cwd=None) -> float:
     t = time.perf_counter()
-    subprocess.run([str(anchors.tool(name)), *map(str, args)], check=True, capture_output=True)
+    subprocess.run([str(anchors.tool(name)), *map(str, args)], check=True, capture_output=True, cwd=cwd)
     return time.perf_counter() - t
 
 
@@ -110,7 +110,9 @@ def main(model, text, types, n_ctx, threads, eval_chunks):
             im = Imatrix.load(ours_file)
             out_ours, out_ref = tmp / f"xvq-{t}.gguf", tmp / f"llama-{t}.gguf"
             _, tq = timed(quantize_file, f32, out_ours, t, imatrix=im, n_threads=threads, progress=False)
-            tr = run_tool("llama-quantize", "--imatrix", ours_file, f32, out_ref, t, threads)
+            # beside the imatrix so llama-quantize records its name, as xvq does (no local paths)
+            tr = run_tool("llama-quantize", "--imatrix", Path(ours_file).name, Path(f32).resolve(),
+                          Path(out_ref).resolve(), t, threads, cwd=Path(ours_file).parent)
             same = out_ours.read_bytes() == out_ref.read_bytes()
             rows.append((f"quantize {t}", f"{out_ours.stat().st_size / 1e6:.2f} MB", tq, tr,
                          f"byte-identical: {same}"))
