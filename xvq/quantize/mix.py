@@ -33,6 +33,7 @@ from xvq.errors import XvqError
 from xvq.fsio import atomic_output
 from xvq.llamacpp import Gguf, parse_size
 from xvq.stamps import Stamps
+from xvq.validate import full_kld, log_sum_exp
 
 # Candidates, cheapest first. IQ1_* are left out: llama.cpp's own docs call them unusable alone.
 CANDIDATES = ("IQ2_XXS", "Q2_K", "IQ3_XXS", "IQ3_S", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K",
@@ -226,16 +227,13 @@ def measure_errors(src: Path, tensors: list[TensorChoice], imatrix_values: dict[
 # 2. Calibration: single-tensor KLD ablations on the calibration text
 # ----------------------------------------------------------------------------------------------
 
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    return logits.astype(np.float64) - log_sum_exp(logits)[:, None]
 
 
 def kld(ref_logp: np.ndarray, logits: np.ndarray) -> float:
-    """Mean KL(ref || q) over positions (full vocabulary)."""
-    q = log_softmax(logits)
-    return float((np.exp(ref_logp) * (ref_logp - q)).sum(-1).mean())
+    """Mean KL(ref || q) over positions (full vocabulary), as xvq validate computes it."""
+    return float(full_kld(ref_logp, logits).mean())
 
 
 @dataclass

@@ -3,6 +3,7 @@ when its inputs and options are unchanged (stamps), so a rerun resumes after a f
 almost nothing after a success."""
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import shutil
@@ -79,13 +80,17 @@ def build_tiers(model_dir: Path, layout: Layout, tiers, stamps: Stamps, log, cal
         log("tiers skipped: they are chosen with the importance matrix, which no requested type measured "
             "(add a type below Q6_K)")
         return []
+    @functools.cache
+    def inputs():   # once for every tier that has to be made, never when all are up to date
+        calib = calibration(budget_tokens=calib_tokens or DEFAULT_CALIB_TOKENS, tokenizer_dir=model_dir)
+        return Imatrix.load(imat), calib.text
     outs = []
     for ram in tiers:
         out = layout.gguf(f"xvq-{ram}")
 
         def make(ram=ram, out=out):
-            calib = calibration(budget_tokens=calib_tokens or DEFAULT_CALIB_TOKENS, tokenizer_dir=model_dir)
-            build_tier(f16, out, ram, imatrix=Imatrix.load(imat), calib_text=calib.text, log=log)
+            im, text = inputs()
+            build_tier(f16, out, ram, imatrix=im, calib_text=text, log=log)
         stamps.run(f"tier-{ram.lower()}", {"gguf": fingerprint([f16]), "imatrix": fingerprint([imat])}, [], make)
         if out.is_file():
             outs.append(out)
