@@ -159,3 +159,10 @@ def test_expert_calibration_hook_is_per_model():
         assert a[0].calibration_hook is calib
         assert b[0].calibration_hook is None and XverseMoeBlock.calibration_hook is None
     assert a[0].calibration_hook is None
+
+
+def test_header_data_offset_matches_gguf_py(small_gguf):
+    """The fast header reader finds the start of tensor data where gguf-py's full reader does."""
+    import gguf
+    from xvq.llamacpp import read_header
+    assert read_header(small_gguf).data_offset == gguf.GGUFReader(small_gguf).data_offset > 0

@@ -59,6 +59,7 @@ def type_bpw(qtype: str | int | gguf.GGMLQuantizationType) -> float:
 class GgufHeader:
     kv: dict[str, object]                               # scalars and strings (arrays skipped)
     tensors: dict[str, tuple[tuple[int, ...], int]]     # name -> (ggml shape, ggml type)
+    data_offset: int = 0                                # where tensor data starts (aligned)
 
 
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
@@ -121,11 +122,13 @@ def read_header(path: Path) -> GgufHeader:
             shape = tuple(take("Q") for _ in range(take("I")))
             tensors[name] = (shape, take("I"))
             take("Q")   # data offset
+        align = int(kv.get("general.alignment") or 32)
+        data_offset = pos + (-pos % align)
     except (struct.error, ValueError) as e:
         raise XvqError(f"{path}: damaged GGUF ({e}); convert the model again") from e
     finally:
         mm.close()
-    return GgufHeader({k: v for k, v in kv.items() if v is not None}, tensors)
+    return GgufHeader({k: v for k, v in kv.items() if v is not None}, tensors, data_offset)
 
 
 def other_shards(first: Path, count: int) -> list[Path]:
@@ -146,4 +149,4 @@ def read_model_header(path: Path | str) -> GgufHeader:
     tensors = dict(first.tensors)
     for shard in other_shards(path, int(first.kv.get("split.count") or 1)):
         tensors |= read_header(shard).tensors
-    return GgufHeader(first.kv, tensors)
+    return GgufHeader(first.kv, tensors, first.data_offset)

@@ -345,8 +345,8 @@ def ablate(src: Path, tensors: list[TensorChoice], plan: list[TensorChoice], ev:
 
 def data_offset(path: Path) -> int:
     """Where tensor data starts in a GGUF: the header, kv and tensor infos, aligned."""
-    r = gguf.GGUFReader(path)
-    return int(r.data_offset)
+    from xvq.llamacpp import read_header
+    return read_header(path).data_offset
 
 
 # ----------------------------------------------------------------------------------------------
