@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -116,8 +117,11 @@ def stage_commands(model: Path, w: Path, texts: tuple[Path, Path]) -> dict:
 
 
 def run_stage(cmd: list[str], outputs: list[Path], timeout: float) -> dict:
+    # the multi-GB files the slice build or the previous stage wrote are flushed first, so their
+    # write-back does not land in this stage's time (it did: 65B's 1-layer convert took 2x the 2-layer's)
+    os.sync()
     t0 = time.perf_counter()
-    peak, proc = peak_anon_mb(cmd, timeout=timeout)
+    peak, proc = peak_anon_mb(cmd, timeout=timeout, interval=0.02)   # minutes-long stages: 20 ms is fine-grained enough
     ok = proc.returncode == 0 or (cmd[3] == "validate" and (outputs[0] / "report.json").is_file())
     return {"s": time.perf_counter() - t0, "mb": peak, "bytes": size_of(outputs), "ok": ok,
             "err": "" if ok else (proc.stderr.strip().splitlines() or ["?"])[-1][:160]}
@@ -153,9 +157,10 @@ def delta_stage(model: Path, work: Path, timeout: float) -> dict:
                      [work / "merged"], timeout)
 
 
-def project(one: dict, two: dict, n_layer: int, more: dict | None = None, n_expert: int = 0) -> dict:
-    """Fixed + per-layer cost, at the model's depth; MoE: per-expert cost from the 16-expert slice."""
-    per_layer = {k: two[k] - one[k] for k in ("s", "mb", "bytes")}
+def project(one: dict, two: dict | None, n_layer: int, more: dict | None = None, n_expert: int = 0) -> dict:
+    """Fixed + per-layer cost, at the model's depth; MoE: per-expert cost from the 16-expert slice.
+    Without a 2-layer slice the whole 1-layer cost counts per layer (an upper bound)."""
+    per_layer = {k: (two[k] - one[k]) if two else one[k] for k in ("s", "mb", "bytes")}
     per_expert = {k: 0.0 for k in per_layer}
     if more is not None:
         per_expert = {k: (more[k] - one[k]) / EXPERTS for k in per_layer}
@@ -194,18 +199,101 @@ def convert_must_hold(timeout: float) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+class _Routed(Exception):
+    """Raised by the counting hook: the router has spoken, the experts and the head need not run."""
+
+
+def moe_routing(name: str, sample_tokens: int) -> dict:
+    """Routed calibration tokens per expert at GPTQ's default budget, at the real width: one layer
+    with all 64 experts in the router (the experts themselves narrowed to 64: routing reads only
+    the router and the attention's output, and the forced-pass threshold only the hidden size),
+    the default calibration sequences run up to the router on `sample_tokens` of them, each
+    expert's share of the routed slots projected to the whole budget. Random weights: the
+    figures show where the default threshold sits against the real shapes and top-k, not how
+    a trained router balances (the GPTQ folder's quantize_config.json records that per model)."""
+    import numpy as np
+    import torch
+    from transformers import AutoTokenizer
+
+    from xvq.calib_data import calibration
+    from xvq.models.xverse_moe_hf import XverseMoeForCausalLM
+    from xvq.quantize.gptq import GptqSettings, calibration_sequences
+    from xvq.quantize.gptq_moe import min_expert_tokens
+    from xvq.synth import write_random_safetensors
+    cfg = slice_config(full_config(name), 1, 64) | {"intermediate_size": 64}
+    folder = WORK / name / "routing"
+    shutil.rmtree(folder, ignore_errors=True)
+    write_random_safetensors(folder, cfg, dtype="float32")
+    tokenizer_for(cfg, folder)
+    settings = GptqSettings()
+    texts = calibration(budget_tokens=settings.calib_tokens, tokenizer_dir=folder, seed=settings.seed).texts
+    seqs = calibration_sequences(AutoTokenizer.from_pretrained(folder), texts, settings.calib_tokens,
+                                 settings.max_seq_len, settings.seed)
+    n_tokens = sum(len(q["input_ids"]) for q in seqs)
+    model = XverseMoeForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    counts, seen = np.zeros(cfg["num_experts"]), [0]
+
+    def count(block, x, chosen):
+        counts[:] += np.bincount(chosen.reshape(-1).numpy(), minlength=len(counts))
+        seen[0] += chosen.shape[0]
+        raise _Routed
+    for m in model.modules():
+        if "calibration_hook" in vars(type(m)):
+            m.calibration_hook = count
+    with torch.no_grad():
+        for q in seqs[::max(1, n_tokens // sample_tokens)]:   # spread over the mix's languages
+            if seen[0] >= sample_tokens:
+                break
+            try:
+                model(torch.tensor([q["input_ids"]]))
+            except _Routed:
+                pass
+    shutil.rmtree(folder, ignore_errors=True)
+    routed = counts / seen[0] * n_tokens      # each token fills moe_top_k slots
+    threshold = min_expert_tokens(n_tokens, settings.moe_min_tokens, cfg["hidden_size"])
+    return {"model": name, "calib_tokens": n_tokens, "sampled_tokens": seen[0], "top_k": cfg["moe_top_k"],
+            "min_tokens": threshold, "mean": float(routed.mean()), "min": float(routed.min()),
+            "p5": float(np.percentile(routed, 5)), "max": float(routed.max()),
+            "forced": int((routed < threshold).sum()), "forced_share": float((routed < threshold).mean()),
+            "threshold_share_of_mean": threshold / float(routed.mean())}
+
+
+def print_routing(rows: list[dict]) -> None:
+    print("\n| model | calibration tokens (default budget) | routed tokens per expert: mean / min / 5th pct / max "
+          "| forced-pass threshold | experts forced |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['calib_tokens']:,} (top-{r['top_k']}, sampled {r['sampled_tokens']:,}) | "
+              f"{r['mean']:,.0f} / {r['min']:,.0f} / {r['p5']:,.0f} / {r['max']:,.0f} | {r['min_tokens']:,} "
+              f"({100 * r['threshold_share_of_mean']:.0f} % of the mean) | {r['forced']} of 64 "
+              f"({100 * r['forced_share']:.0f} %) |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="the two smallest models only")
     ap.add_argument("--models", nargs="*", default=None)
     ap.add_argument("--stages", nargs="*", default=STAGES)
-    ap.add_argument("--timeout", type=float, default=1800, help="seconds per stage")
-    ap.add_argument("--json", type=Path, default=None, help="also write the measurements here")
+    ap.add_argument("--timeout", type=float, default=3600, help="seconds per stage")
+    ap.add_argument("--json", type=Path, default=None, help="also write the measurements here (after each model)")
+    ap.add_argument("--one-layer", action="store_true",
+                    help="only the 1-layer slices (for stages too slow to run twice here): fixed cost counted per layer")
+    ap.add_argument("--table", type=Path, nargs="*", default=None,
+                    help="only print the table of earlier --json files (runs of different models merge)")
+    ap.add_argument("--moe-routing", type=int, nargs="?", const=16384, default=None, metavar="TOKENS",
+                    help="only the MoE models' routed calibration tokens per expert at GPTQ's default budget, "
+                         "from TOKENS routed tokens (default 16384)")
     ap.add_argument("--convert-must-hold", action="store_true",
                     help="only convert one full-width layer of XVERSE-65B and of MoE-A36B (64 experts): peak < 1 GB")
     a = ap.parse_args()
+    if a.table:
+        return print_table([r for f in a.table for r in json.loads(f.read_text())])
     if not (SHARED / "xverse-configs").is_dir():
         sys.exit(f"needs {SHARED}/xverse-configs and xverse-style-tokenizer (the real models' shapes)")
+    if a.moe_routing:
+        rows = [moe_routing(m, a.moe_routing) for m in (a.models or [m for m in MODELS if "MoE" in m])]
+        if a.json:
+            a.json.write_text(json.dumps(rows, indent=1))
+        return print_routing(rows)
     if a.convert_must_hold:
         print("| slice | checkpoint | convert time | peak anon memory | < 1 GB |\n|---|---|---|---|---|")
         return convert_must_hold(a.timeout)
@@ -216,19 +304,20 @@ def main() -> None:
         cfg = full_config(name)
         stages = [s for s in a.stages if s != "delta" or name.startswith("Ziya")]
         one = measure_slice(name, slice_config(cfg, 1), stages, tx, a.timeout)
-        two = measure_slice(name, slice_config(cfg, 2), stages, tx, a.timeout)
+        two = None if a.one_layer else measure_slice(name, slice_config(cfg, 2), stages, tx, a.timeout)
         more = measure_slice(name, slice_config(cfg, 1, 2 * EXPERTS), stages, tx, a.timeout) \
             if "num_experts" in cfg else None
         for s in stages:
-            if not (one[s]["ok"] and two[s]["ok"] and (more is None or more[s]["ok"])):
-                rows.append({"model": name, "stage": s, "failed": one[s]["err"] or two[s]["err"]})
+            if not all(m[s]["ok"] for m in (one, two, more) if m is not None):
+                rows.append({"model": name, "stage": s,
+                             "failed": next(m[s]["err"] for m in (one, two, more) if m and not m[s]["ok"])})
                 continue
-            p = project(one[s], two[s], cfg["num_hidden_layers"], more and more[s], cfg.get("num_experts", 0))
-            rows.append({"model": name, "stage": s, "one": one[s], "two": two[s], "projection": p})
+            p = project(one[s], two and two[s], cfg["num_hidden_layers"], more and more[s], cfg.get("num_experts", 0))
+            rows.append({"model": name, "stage": s, "one": one[s], "two": two and two[s], "projection": p})
         shutil.rmtree(WORK / name, ignore_errors=True)
+        if a.json:  # after each model: a long run that stops keeps what it measured
+            a.json.write_text(json.dumps(rows, indent=1))
     print_table(rows)
-    if a.json:
-        a.json.write_text(json.dumps(rows, indent=1))
 
 
 def print_table(rows: list[dict]) -> None:
@@ -241,7 +330,8 @@ def print_table(rows: list[dict]) -> None:
             continue
         o, t, p = r["one"], r["two"], r["projection"]
         pl = p["per_layer"]
-        print(f"| {r['model']} | {r['stage']} | {o['s']:.1f} / {o['mb']:.0f} | {t['s']:.1f} / {t['mb']:.0f} | "
+        two = f"{t['s']:.1f} / {t['mb']:.0f}" if t else "(1-layer only)"
+        print(f"| {r['model']} | {r['stage']} | {o['s']:.1f} / {o['mb']:.0f} | {two} | "
               f"{pl['s']:.1f} / {pl['mb']:+.0f} / {pl['bytes'] / 1e9:.2f} | {p['s'] / 60:.1f} min | "
               f"{p['mb'] / 1e3:.2f} GB | {p['bytes'] / 1e9:.1f} GB |")
     print("\nper layer: the 2-layer minus the 1-layer slice (MoE: with all 64 experts, priced from the 16-expert "

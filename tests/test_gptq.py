@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -155,15 +156,68 @@ def test_xverse_int4_folder(xverse_src, xverse_int4):
     assert not list(xverse_int4.parent.glob(".*xvq-tmp*")) and not list(xverse_int4.parent.glob(".xvq-gptq-work*"))
 
 
-def test_xverse_int4_deterministic(xverse_src, xverse_int4, tmp_path):
-    """Same seed and text -> the same weights, byte for byte (quant_log.csv differs in timings only)."""
+def test_xverse_int4_deterministic_and_pickle_read_in_place(xverse_src, xverse_int4, tmp_path):
+    """Same seed and text -> the same weights, byte for byte (quant_log.csv differs in timings only),
+    whether GPTQModel read the pickle shards in place (the fixture) or a safetensors copy of them."""
+    from safetensors.torch import save_file
+
     from xvq.quantize.gptq import GptqSettings, quantize_gptq
+    copy = tmp_path / "as-safetensors"
+    shutil.copytree(xverse_src, copy, ignore=shutil.ignore_patterns("*.bin", "*.bin.index.json"))
+    weight_map = {}
+    for i, f in enumerate(sorted(xverse_src.glob("*.bin"))):
+        state = torch.load(f, weights_only=True)
+        save_file(state, copy / f"model-{i}.safetensors", metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(state, f"model-{i}.safetensors")
+    (copy / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     again = tmp_path / "again"
-    quantize_gptq(xverse_src, again, GptqSettings(max_shard_size="1MB", **CALIB), texts=corpus_texts(heldout=False))
+    quantize_gptq(copy, again, GptqSettings(max_shard_size="1MB", **CALIB), texts=corpus_texts(heldout=False))
     shards = sorted(p.name for p in xverse_int4.glob("*.safetensors"))
     assert shards == sorted(p.name for p in again.glob("*.safetensors"))
-    for name in shards + ["config.json", "quantize_config.json", "model.safetensors.index.json"]:
+    for name in shards + ["quantize_config.json", "model.safetensors.index.json"]:
         assert (again / name).read_bytes() == (xverse_int4 / name).read_bytes(), name
+
+
+def test_pickle_shards_are_read_in_place_not_copied(xverse_src, tmp_path, monkeypatch):
+    """What GPTQModel is handed for XVERSE's pickle shards: links to them and an index naming them,
+    no weight copy, and GPTQModel's own reader returns the shard's tensors through it. A legacy
+    (pre-zip) pickle, which cannot be memory-mapped, and a file system that cannot link are staged
+    as safetensors instead."""
+    import os
+
+    import gptqmodel.utils.structure as lazy_reader
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    import xvq.quantize.gptq_source as gptq_source
+    from xvq.quantize.gptq_source import gptq_readable, staged_bytes
+    shard = sorted(xverse_src.glob("*.bin"))[0]
+    state = torch.load(shard, weights_only=True)
+    name = next((k for k in state if k.endswith("down_proj.weight")), next(iter(state)))
+    weights = sum(f.stat().st_size for f in xverse_src.glob("*.bin"))
+    assert staged_bytes(xverse_src) == 0
+
+    def written(folder: Path) -> int:
+        return sum(f.lstat().st_size for f in folder.rglob("*") if f.is_file() or f.is_symlink())
+    with gptq_readable(xverse_src, tmp_path / "work") as folder:
+        assert written(tmp_path / "work") < weights / 20
+        index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+        assert not any(Path(v).is_absolute() for v in index.values())   # no local path GPTQModel could copy
+        with lazy_reader.safe_open(os.path.join(folder, index[name]), framework="pt", device="cpu") as h:
+            assert torch.equal(h.get_tensor(name), state[name])
+    assert lazy_reader.safe_open is safe_open   # restored
+
+    def staged(src: Path, work: Path) -> dict:
+        with gptq_readable(src, work) as folder:
+            assert written(work) >= 0.9 * sum(f.stat().st_size for f in src.glob("*.bin"))
+            return {k: v for f in folder.glob("*.safetensors") for k, v in load_file(f).items()}
+    legacy = tmp_path / "legacy"
+    shutil.copytree(xverse_src, legacy, ignore=shutil.ignore_patterns("*.bin", "*.bin.index.json"))
+    torch.save(state, legacy / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    assert staged_bytes(legacy) > 0
+    assert torch.equal(staged(legacy, tmp_path / "work2")[name], state[name])
+    monkeypatch.setattr(gptq_source, "link", lambda target, name: False)
+    assert torch.equal(staged(xverse_src, tmp_path / "work3")[name], state[name])
 
 
 def test_keep_architecture_keeps_xverse_config(xverse_src, xverse_int4, tmp_path):

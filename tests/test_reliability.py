@@ -471,7 +471,7 @@ def test_failed_gptq_leaves_no_folder(tmp_path, monkeypatch):
 
     def fail(*a, **k):
         raise XvqError("staging failed")
-    monkeypatch.setattr(gptq, "stage_as_safetensors", fail)
+    monkeypatch.setattr(gptq, "gptq_readable", fail)
     out = tmp_path / "out" / "demo" / "gptq" / "demo-GPTQ-Int4"
     with pytest.raises(XvqError, match="staging failed"):
         quantize_gptq(DEMO, out, GptqSettings(), texts=["unused"])

@@ -26,7 +26,8 @@ _TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(ctypes.c_floa
 def _ggml():
     global _LIB
     if _LIB is None:
-        from llama_cpp._ggml import libggml as lib
+        from xvq.llamacpp.runtime import libggml
+        lib = libggml()
         lib.ggml_quantize_chunk.restype = ctypes.c_size_t
         lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                             ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]

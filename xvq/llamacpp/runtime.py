@@ -4,6 +4,7 @@ vocabulary only) and a `Context` (batched decode), or `chat_model` for generatio
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 from pathlib import Path
 
@@ -21,6 +22,19 @@ def _lib():
         _state["backend"] = True
     quiet()
     return C
+
+
+@functools.cache
+def libggml():
+    """ggml from the same place as the libllama llama-cpp-python loaded: its own, or the folder
+    LLAMA_CPP_LIB_PATH names (llama-cpp-python's switch for a llama.cpp built apart, e.g. for
+    another GPU backend), so the tap and the kernels never call into a second copy."""
+    override = os.environ.get("LLAMA_CPP_LIB_PATH")
+    if override:
+        from llama_cpp._ctypes_extensions import load_shared_library
+        return load_shared_library("ggml", Path(override))
+    from llama_cpp._ggml import libggml as lib
+    return lib
 
 
 # --- logging ---------------------------------------------------------------------------------

@@ -36,8 +36,9 @@ _STRUCT_HINT = ("the installed llama-cpp-python's ggml_tensor layout differs fro
 
 
 def _ggml():
-    """libggml as loaded by llama-cpp-python, with the functions the tap needs typed."""
-    from llama_cpp._ggml import libggml as lib
+    """libggml beside llama-cpp-python's libllama, with the functions the tap needs typed."""
+    from xvq.llamacpp.runtime import libggml
+    lib = libggml()
     sigs = {"ggml_op_name": (ctypes.c_char_p, [ctypes.c_int]),
             "ggml_op_desc": (ctypes.c_char_p, [ctypes.c_void_p]),
             "ggml_get_name": (ctypes.c_char_p, [ctypes.c_void_p]),

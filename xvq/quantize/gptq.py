@@ -1,7 +1,7 @@
 """GPTQ checkpoints for GPU servers, calibrated on the multilingual mix, through GPTQModel.
 
     model folder (HF, safetensors or XVERSE's pickle shards)
-      -> stage: pickle shards re-written as safetensors, streamed (GPTQModel reads them lazily)
+      -> gptq_source: GPTQModel reads XVERSE's pickle shards memory-mapped, without a copy
       -> GPTQModel, through the GPTQ definition the family declares (`Family.gptq_base`,
          optionally its own `gptq_module_tree`), one decoder layer in memory at a time
       -> <Name>-GPTQ-Int<bits>/: sharded safetensors, quantize_config.json (format gptq, v1),
@@ -38,6 +38,7 @@ from xvq.fsio import atomic_output, require_free, scratch_dir
 from xvq.models import family_for
 from xvq.models.base import Family
 from xvq.quantize import gptq_moe
+from xvq.quantize.gptq_source import gptq_readable, staged_bytes
 
 log = logging.getLogger("xvq.gptq")
 
@@ -188,45 +189,6 @@ def qmodel_class(family: Family):
     if not attrs:
         return base
     return type(f"Xvq{type(family).__name__}QModel", (base,), attrs)
-
-
-# ----------------------------------------------------------------------------------------------
-# Staging: pickle shards -> safetensors (GPTQModel's lazy reader reads safetensors only; for
-# pickle it would load the whole model into memory to convert)
-# ----------------------------------------------------------------------------------------------
-
-def has_safetensors(model_dir: Path) -> bool:
-    return all(f.suffix == ".safetensors" for f in weight_files(model_dir))
-
-
-def stage_as_safetensors(model_dir: Path, stage: Path) -> Path:
-    """A folder GPTQModel can read lazily: the source itself when it is safetensors, else a copy
-    with every pickle shard re-written as one safetensors shard (memory-mapped, shard by shard)."""
-    if has_safetensors(model_dir):
-        return model_dir
-    import torch
-    from safetensors.torch import save_file
-    from tqdm import tqdm
-    stage.mkdir(parents=True, exist_ok=True)
-    weight_map, total = {}, 0
-    for src in tqdm(weight_files(model_dir), desc="staging safetensors", unit="shard"):
-        try:
-            state = torch.load(src, map_location="cpu", mmap=True, weights_only=True)
-        except Exception as e:
-            raise XvqError(f"{src}: cannot be read as a PyTorch checkpoint ({type(e).__name__}); "
-                           f"download it again or convert to safetensors") from e
-        name = src.with_suffix(".safetensors").name.replace("pytorch_model", "model")
-        tensors = {k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
-        save_file(tensors, stage / name, metadata={"format": "pt"})
-        weight_map |= {k: name for k in tensors}
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
-        del state, tensors
-    (stage / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    for f in model_dir.iterdir():
-        if f.is_file() and not f.name.startswith("pytorch_model") and f.suffix not in (".bin", ".safetensors"):
-            shutil.copy2(f, stage / f.name)
-    return stage
 
 
 # ----------------------------------------------------------------------------------------------
@@ -417,15 +379,15 @@ def quantize_gptq(model_dir: Path | str, outdir: Path | str, settings: GptqSetti
     n_tokens = sum(len(s["input_ids"]) for s in seqs)
     log.info("GPTQ %d-bit g%d: %d calibration sequences, %d tokens", settings.bits, settings.group_size, len(seqs), n_tokens)
 
-    # Staged shards and GPTQModel's offload folder live beside the output (same disk the user chose,
-    # hidden from Layout.gptqs()), not in /tmp, which may be small.
-    weights = sum(f.stat().st_size for f in weight_files(model_dir))   # offload + output (+ staging)
-    require_free(outdir.parent, int(weights * (1.05 + settings.bits / 16)) + (0 if has_safetensors(model_dir) else weights),
+    # GPTQModel's offload folder lives beside the output (same disk the user chose, hidden from
+    # Layout.gptqs()), not in /tmp, which may be small.
+    weights = sum(f.stat().st_size for f in weight_files(model_dir))   # offload + output
+    require_free(outdir.parent, int(weights * (1.05 + settings.bits / 16)) + staged_bytes(model_dir),
                  f"GPTQ of {model_dir}")
     with atomic_output(outdir, is_dir=True) as tmp, \
-            scratch_dir(outdir.parent, f"{outdir.name}.work") as work:   # swept if this run is killed
+            scratch_dir(outdir.parent, f"{outdir.name}.work") as work, \
+            gptq_readable(model_dir, Path(work)) as source:   # work is swept if this run is killed
         work = Path(work)
-        source = stage_as_safetensors(model_dir, work / "stage")
         cls = qmodel_class(family)
         torch.manual_seed(settings.seed)
         model = cls.from_pretrained(str(source), quantize_config=settings.quantize_config(work / "offload"),
