@@ -157,19 +157,23 @@ def delta_stage(model: Path, work: Path, timeout: float) -> dict:
                      [work / "merged"], timeout)
 
 
-def project(one: dict, two: dict | None, n_layer: int, more: dict | None = None, n_expert: int = 0) -> dict:
-    """Fixed + per-layer cost, at the model's depth; MoE: per-expert cost from the 16-expert slice.
-    Without a 2-layer slice the whole 1-layer cost counts per layer (an upper bound)."""
-    per_layer = {k: (two[k] - one[k]) if two else one[k] for k in ("s", "mb", "bytes")}
-    per_expert = {k: 0.0 for k in per_layer}
-    if more is not None:
-        per_expert = {k: (more[k] - one[k]) / EXPERTS for k in per_layer}
-    full_layer = {k: per_layer[k] + (n_expert - EXPERTS) * per_expert[k] for k in per_layer} if more else per_layer
-    fixed = {k: one[k] - per_layer[k] for k in per_layer}
-    return {"per_layer": full_layer, "per_expert": per_expert,
+def project(one: dict, two: dict | None, n_layer: int, more: dict | None = None, n_expert: int = 0,
+            layers: tuple[int, int] = (1, 2)) -> dict:
+    """Fixed + per-layer cost at the model's depth, from slices of layers[0] and layers[1] layers
+    (without a second slice the whole first-slice cost counts per layer: an upper bound). MoE: each
+    layer also carries the (n_expert - 8) experts the slices lack, priced from the slice with twice
+    the experts. Time and bytes add up; memory is a peak: the first slice's, plus its growth with
+    depth, plus the experts one layer adds. A difference below zero is noise and counts as zero."""
+    a, b = layers
+    keys = ("s", "mb", "bytes")
+    per_layer = {k: max(0.0, (two[k] - one[k]) / (b - a) if two else one[k] / a) for k in keys}
+    per_expert = {k: max(0.0, (more[k] - one[k]) / (EXPERTS * a)) if more else 0.0 for k in keys}
+    extra = max(0, n_expert - EXPERTS) if more else 0
+    full_layer = {k: per_layer[k] + extra * per_expert[k] for k in keys}
+    fixed = {k: max(0.0, one[k] - a * per_layer[k]) for k in keys}
+    return {"per_layer": full_layer, "per_expert": per_expert, "depth_mb": per_layer["mb"] if two else 0.0,
             "s": fixed["s"] + n_layer * full_layer["s"], "bytes": fixed["bytes"] + n_layer * full_layer["bytes"],
-            # memory is a peak, not a sum: the 1-layer peak plus the growth per layer, if any
-            "mb": one["mb"] + (n_layer - 1) * max(0.0, full_layer["mb"])}
+            "mb": one["mb"] + (n_layer - a) * (per_layer["mb"] if two else 0.0) + extra * per_expert["mb"]}
 
 
 def texts() -> tuple[Path, Path]:
@@ -275,8 +279,10 @@ def main() -> None:
     ap.add_argument("--stages", nargs="*", default=STAGES)
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per stage")
     ap.add_argument("--json", type=Path, default=None, help="also write the measurements here (after each model)")
-    ap.add_argument("--one-layer", action="store_true",
-                    help="only the 1-layer slices (for stages too slow to run twice here): fixed cost counted per layer")
+    ap.add_argument("--layers", type=int, nargs="+", default=[1, 2], metavar="N",
+                    help="the depths of the two slices (default 1 2); one depth alone, for stages too slow to run "
+                         "twice here, counts its fixed cost per layer")
+    ap.add_argument("--one-layer", action="store_true", help=argparse.SUPPRESS)   # = --layers 1
     ap.add_argument("--table", type=Path, nargs="*", default=None,
                     help="only print the table of earlier --json files (runs of different models merge)")
     ap.add_argument("--moe-routing", type=int, nargs="?", const=16384, default=None, metavar="TOKENS",
@@ -285,8 +291,15 @@ def main() -> None:
     ap.add_argument("--convert-must-hold", action="store_true",
                     help="only convert one full-width layer of XVERSE-65B and of MoE-A36B (64 experts): peak < 1 GB")
     a = ap.parse_args()
-    if a.table:
-        return print_table([r for f in a.table for r in json.loads(f.read_text())])
+    if a.table:   # projections recomputed, so a fix to project() reaches earlier measurements
+        rows = [r for f in a.table for r in json.loads(f.read_text())]
+        for r in rows:
+            if "one" in r:
+                cfg = full_config(r["model"])
+                depths = r.get("layers", [1, 2])
+                r["projection"] = project(r["one"], r["two"], cfg["num_hidden_layers"], r.get("more"),
+                                          cfg.get("num_experts", 0), (depths[0], depths[1] or depths[0]))
+        return print_table(rows)
     if not (SHARED / "xverse-configs").is_dir():
         sys.exit(f"needs {SHARED}/xverse-configs and xverse-style-tokenizer (the real models' shapes)")
     if a.moe_routing:
@@ -303,17 +316,20 @@ def main() -> None:
     for name in models:
         cfg = full_config(name)
         stages = [s for s in a.stages if s != "delta" or name.startswith("Ziya")]
-        one = measure_slice(name, slice_config(cfg, 1), stages, tx, a.timeout)
-        two = None if a.one_layer else measure_slice(name, slice_config(cfg, 2), stages, tx, a.timeout)
-        more = measure_slice(name, slice_config(cfg, 1, 2 * EXPERTS), stages, tx, a.timeout) \
+        depths = (([1] if a.one_layer else a.layers[:2]) + [0])[:2]   # [A, B], B = 0: one slice
+        one = measure_slice(name, slice_config(cfg, depths[0]), stages, tx, a.timeout)
+        two = measure_slice(name, slice_config(cfg, depths[1]), stages, tx, a.timeout) if depths[1] else None
+        more = measure_slice(name, slice_config(cfg, depths[0], 2 * EXPERTS), stages, tx, a.timeout) \
             if "num_experts" in cfg else None
         for s in stages:
             if not all(m[s]["ok"] for m in (one, two, more) if m is not None):
                 rows.append({"model": name, "stage": s,
                              "failed": next(m[s]["err"] for m in (one, two, more) if m and not m[s]["ok"])})
                 continue
-            p = project(one[s], two and two[s], cfg["num_hidden_layers"], more and more[s], cfg.get("num_experts", 0))
-            rows.append({"model": name, "stage": s, "one": one[s], "two": two and two[s], "projection": p})
+            p = project(one[s], two and two[s], cfg["num_hidden_layers"], more and more[s], cfg.get("num_experts", 0),
+                        (depths[0], depths[1] or depths[0]))
+            rows.append({"model": name, "stage": s, "layers": depths, "one": one[s], "two": two and two[s],
+                         "more": more and more[s], "projection": p})
         shutil.rmtree(WORK / name, ignore_errors=True)
         if a.json:  # after each model: a long run that stops keeps what it measured
             a.json.write_text(json.dumps(rows, indent=1))
@@ -321,7 +337,7 @@ def main() -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    print("\n| model | stage | 1 layer s / MB | 2 layers s / MB | per layer s / MB / GB written | "
+    print("\n| model | stage | slice A: layers, s / MB | slice B: layers, s / MB | per layer s / MB / GB written | "
           "projected full: time | peak anon memory | disk written |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -330,12 +346,14 @@ def print_table(rows: list[dict]) -> None:
             continue
         o, t, p = r["one"], r["two"], r["projection"]
         pl = p["per_layer"]
-        two = f"{t['s']:.1f} / {t['mb']:.0f}" if t else "(1-layer only)"
-        print(f"| {r['model']} | {r['stage']} | {o['s']:.1f} / {o['mb']:.0f} | {two} | "
-              f"{pl['s']:.1f} / {pl['mb']:+.0f} / {pl['bytes'] / 1e9:.2f} | {p['s'] / 60:.1f} min | "
+        la, lb = r.get("layers", [1, 2])
+        two = f"{lb}: {t['s']:.1f} / {t['mb']:.0f}" if t else "(one slice only)"
+        print(f"| {r['model']} | {r['stage']} | {la}: {o['s']:.1f} / {o['mb']:.0f} | {two} | "
+              f"{pl['s']:.1f} / {p.get('depth_mb', 0):+.0f} / {pl['bytes'] / 1e9:.2f} | {p['s'] / 60:.1f} min | "
               f"{p['mb'] / 1e3:.2f} GB | {p['bytes'] / 1e9:.1f} GB |")
-    print("\nper layer: the 2-layer minus the 1-layer slice (MoE: with all 64 experts, priced from the 16-expert "
-          "slice); projected = fixed + depth x per layer, on this machine's cores.")
+    print("\nper layer: slice B minus slice A, per layer (MoE: with all 64 experts, priced from the slice with 16); "
+          "MB: peak memory's growth with depth; projected = fixed + depth x per layer on this machine's cores; "
+          "peak memory = slice A's + its growth with depth + the experts one layer adds.")
 
 
 if __name__ == "__main__":

@@ -185,3 +185,47 @@ def test_delta_apply_memory_does_not_grow_with_layers(models, tmp_path):
     print(f"\ndelta apply peak RssAnon: 2 layers {peaks[2]:.0f} MB, 8 layers {peaks[8]:.0f} MB")
     assert ckpt_mb(models[8]) - ckpt_mb(models[2]) > 140
     assert peaks[8] <= peaks[2] + 25
+
+
+GLIBC_DEFAULT = ("import xvq.heap as h; h.return_freed_buffers_to_os = lambda: False\n"
+                 "from xvq.cli import main; main()")
+
+
+def moe_gptq_peak(folder: Path, out: Path, glibc_default: bool = False) -> float:
+    head = [sys.executable, "-c", GLIBC_DEFAULT] if glibc_default else [sys.executable, "-m", "xvq.cli"]
+    peak, proc = peak_anon_mb(head + ["quantize", "gptq", str(folder), "--outdir", str(out), "--calib-tokens", "1024",
+                                      "--max-seq-len", "256"], timeout=900, interval=0.005)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shutil.rmtree(out)
+    return peak
+
+
+@pytest.fixture(scope="module")
+def moe_models(tmp_path_factory, xverse_tokenizer_dir) -> dict[int, Path]:
+    from xvq.synth import tiny_config, write_random_safetensors
+    root = tmp_path_factory.mktemp("moe-mem")
+    n_tok = len(json.loads((xverse_tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"])
+    out = {}
+    for n in (2, 5):
+        cfg = tiny_config("xverse-moe", num_hidden_layers=n, vocab_size=n_tok, hidden_size=768, intermediate_size=384,
+                          num_attention_heads=6, num_experts=16, moe_top_k=4)
+        write_random_safetensors(root / f"m{n}", cfg, dtype="bfloat16")
+        for f in xverse_tokenizer_dir.iterdir():
+            shutil.copy(f, root / f"m{n}" / f.name)
+        out[n] = root / f"m{n}"
+    yield out
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_moe_gptq_memory_does_not_grow_with_layers(moe_models, tmp_path):
+    """GPTQ frees each layer's float32 weights and Hessians before the next, but with glibc's
+    default heap policy the holes they leave stayed resident and the peak grew with every layer
+    (xvq/heap.py). Bound: half the 3 extra layers' float32 weights, and a third of the growth
+    the same runs show with glibc's default (which proves the measurement sees growth)."""
+    fixed = {n: moe_gptq_peak(m, tmp_path / f"g{n}") for n, m in moe_models.items()}
+    default = {n: moe_gptq_peak(m, tmp_path / f"d{n}", glibc_default=True) for n, m in moe_models.items()}
+    extra_f32_mb = 2 * (ckpt_mb(moe_models[5]) - ckpt_mb(moe_models[2]))
+    print(f"\nMoE GPTQ peak RssAnon, 2 -> 5 layers: {fixed[2]:.0f} -> {fixed[5]:.0f} MB; with glibc's default heap "
+          f"policy {default[2]:.0f} -> {default[5]:.0f} MB (3 more layers: {extra_f32_mb:.0f} MB as float32)")
+    assert fixed[5] - fixed[2] < extra_f32_mb / 2
+    assert fixed[5] - fixed[2] < (default[5] - default[2]) / 3

@@ -35,6 +35,7 @@ from xvq.calib_data import calibration
 from xvq.checkpoint import read_config, weight_files
 from xvq.errors import XvqError
 from xvq.fsio import atomic_output, require_free, scratch_dir
+from xvq.heap import return_freed_buffers_to_os
 from xvq.models import family_for
 from xvq.models.base import Family
 from xvq.quantize import gptq_moe
@@ -389,6 +390,7 @@ def quantize_gptq(model_dir: Path | str, outdir: Path | str, settings: GptqSetti
             gptq_readable(model_dir, Path(work)) as source:   # work is swept if this run is killed
         work = Path(work)
         cls = qmodel_class(family)
+        return_freed_buffers_to_os()   # else the peak grows with every layer (xvq/heap.py)
         torch.manual_seed(settings.seed)
         model = cls.from_pretrained(str(source), quantize_config=settings.quantize_config(work / "offload"),
                                     dtype=settings.torch_calib_dtype())
