@@ -22,7 +22,7 @@ export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 LLAMA_CPP_PIN := $(shell grep -m1 '^llama-cpp-python==' requirements.lock)
 STAMP   := $(VENV)/.xvq-setup$(if $(filter cpu,$(BACKEND)),,-$(BACKEND))
 
-.PHONY: setup test demo gguf gptq validate release anchors bench clean
+.PHONY: setup test demo gguf gptq validate release anchors bench bench-gpu clean
 
 setup: $(STAMP)
 
@@ -67,6 +67,10 @@ release: setup
 bench: setup anchors
 	for b in convert quantize validate gptq gptq_moe gptq_memory delta tokenizer_parity identity; do $(BIN)/python bench/$$b.py || exit 1; done
 	$(BIN)/python bench/scale.py --quick
+
+# xvq against llama-imatrix / llama-perplexity -ngl 99 on this machine's CUDA GPU (builds llama.cpp for it).
+bench-gpu: setup
+	$(BIN)/python bench/gpu.py
 
 clean:
 	rm -rf $(OUT) .pytest_cache
