@@ -160,7 +160,7 @@ def delta_stage(model: Path, work: Path, timeout: float) -> dict:
 def project(one: dict, two: dict | None, n_layer: int, more: dict | None = None, n_expert: int = 0,
             layers: tuple[int, int] = (1, 2)) -> dict:
     """Fixed + per-layer cost at the model's depth, from slices of layers[0] and layers[1] layers
-    (without a second slice the whole first-slice cost counts per layer: an upper bound). MoE: each
+    (layers[1] = 0, two = None: one slice, whose whole cost counts per layer: an upper bound). MoE: each
     layer also carries the (n_expert - 8) experts the slices lack, priced from the slice with twice
     the experts. Time and bytes add up; memory is a peak: the first slice's, plus its growth with
     depth, plus the experts one layer adds. A difference below zero is noise and counts as zero."""
@@ -298,7 +298,7 @@ def main() -> None:
                 cfg = full_config(r["model"])
                 depths = r.get("layers", [1, 2])
                 r["projection"] = project(r["one"], r["two"], cfg["num_hidden_layers"], r.get("more"),
-                                          cfg.get("num_experts", 0), (depths[0], depths[1] or depths[0]))
+                                          cfg.get("num_experts", 0), depths)
         return print_table(rows)
     if not (SHARED / "xverse-configs").is_dir():
         sys.exit(f"needs {SHARED}/xverse-configs and xverse-style-tokenizer (the real models' shapes)")
@@ -327,7 +327,7 @@ def main() -> None:
                              "failed": next(m[s]["err"] for m in (one, two, more) if m and not m[s]["ok"])})
                 continue
             p = project(one[s], two and two[s], cfg["num_hidden_layers"], more and more[s], cfg.get("num_experts", 0),
-                        (depths[0], depths[1] or depths[0]))
+                        depths)
             rows.append({"model": name, "stage": s, "layers": depths, "one": one[s], "two": two and two[s],
                          "more": more and more[s], "projection": p})
         shutil.rmtree(WORK / name, ignore_errors=True)

@@ -197,24 +197,25 @@ def test_runs_on_a_llama_cpp_built_apart(stories, stories_ref, tmp_path):
     """LLAMA_CPP_LIB_PATH (llama-cpp-python's switch for a llama.cpp built elsewhere, as bench/gpu.py
     builds one for the local GPU) moves xvq's whole llama.cpp layer: the tap's ggml comes from the
     same folder as libllama, no second ggml is loaded, and the statistics still agree with llama-imatrix."""
+    import os
     import sys
     if not Path("/proc/self/maps").is_file():
         pytest.skip("reads /proc/self/maps")
     lib_dir = anchor("llama-imatrix").parent
     model, text = stories
     out = tmp_path / "apart.imatrix.gguf"
-    script = ("import sys, re\n"
+    script = ("import json, sys, re\n"
               "from pathlib import Path\n"
               "from xvq.quantize.imatrix import compute_imatrix\n"
               f"im = compute_imatrix(sys.argv[1], Path(sys.argv[2]).read_text(), dataset=Path(sys.argv[2]).name, "
               f"n_ctx={N_CTX}, n_threads=1, progress=False)\n"
               "im.save(sys.argv[3])\n"
               "maps = Path('/proc/self/maps').read_text()\n"
-              "print(sorted(set(re.findall(r'(/\\S*/libggml[-\\w]*\\.so\\S*)', maps))))\n")
-    env = dict(__import__("os").environ, LLAMA_CPP_LIB_PATH=str(lib_dir))
+              "print(json.dumps(sorted(set(re.findall(r'(/\\S*/libggml[-\\w]*\\.so\\S*)', maps)))))\n")
+    env = dict(os.environ, LLAMA_CPP_LIB_PATH=str(lib_dir))
     r = subprocess.run([sys.executable, "-c", script, str(model), str(text), str(out)], env=env,
                        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 0, r.stderr[-2000:]
-    loaded = eval(r.stdout.strip().splitlines()[-1])
+    loaded = json.loads(r.stdout.strip().splitlines()[-1])
     assert loaded and all(Path(p).resolve().parent == lib_dir.resolve() for p in loaded), loaded
     assert_agrees_with_llama_imatrix(Imatrix.load(out), Imatrix.load(stories_ref))

@@ -167,10 +167,12 @@ def safetensors_tensors(path: Path) -> dict[str, SourceTensor]:
     return out
 
 
-def pickle_tensors(path: Path) -> dict[str, SourceTensor]:
+def load_pickle_state(path: Path, *, mmap: bool = True) -> dict:
+    """A PyTorch pickle's state dict, weights only (memory-mapped unless `mmap` is False, which
+    legacy pre-zip pickles need); one-line errors for corrupt files and pickles that carry code."""
     import torch
     try:
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights only" not in str(e).lower():
             raise XvqError(f"{path}: cannot be read as a PyTorch checkpoint (corrupt pickle); "
@@ -184,6 +186,11 @@ def pickle_tensors(path: Path) -> dict[str, SourceTensor]:
     except Exception as e:  # torch raises several types for truncated / non-zip files
         raise XvqError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: "
                        f"{str(e).splitlines()[0][:120]}); download it again or convert to safetensors") from e
+
+
+def pickle_tensors(path: Path) -> dict[str, SourceTensor]:
+    import torch
+    state = load_pickle_state(path)
     out = {}
     for name, t in state.items():
         if not isinstance(t, torch.Tensor):

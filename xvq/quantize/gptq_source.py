@@ -20,8 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from xvq.checkpoint import weight_files
-from xvq.errors import XvqError
+from xvq.checkpoint import load_pickle_state, weight_files
 from xvq.fsio import require_free
 
 # The GPTQModel modules that open source shards (each imported safe_open by name).
@@ -48,12 +47,7 @@ class PickleShard:
 
     def __init__(self, path: Path):
         import torch
-        try:
-            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        except Exception as e:
-            raise XvqError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}); "
-                           f"download it again or convert it to safetensors") from e
-        self.tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        self.tensors = {k: v for k, v in load_pickle_state(path).items() if isinstance(v, torch.Tensor)}
 
     def __enter__(self):
         return self
@@ -77,26 +71,29 @@ def gptq_readable(model_dir: Path, work: Path) -> Iterator[Path]:
     if has_safetensors(model_dir):
         yield model_dir
         return
-    folder = linked_pickle_shards(model_dir, work / "source") if mappable(model_dir) else None
+    opened: dict[Path, PickleShard] = {}   # by the shard's real path; kept open for the run
+    folder = linked_pickle_shards(model_dir, work / "source", opened) if mappable(model_dir) else None
     if folder is None:
         require_free(work, sum(f.stat().st_size for f in weight_files(model_dir)), f"staging {model_dir} as safetensors")
         yield stage_as_safetensors(model_dir, work / "stage")
         return
-    with pickle_shards_open_as_safetensors():
+    with pickle_shards_open_as_safetensors(opened):
         yield folder
 
 
-def linked_pickle_shards(model_dir: Path, folder: Path) -> Path | None:
+def linked_pickle_shards(model_dir: Path, folder: Path, opened: dict[Path, PickleShard]) -> Path | None:
     """A folder with links to the pickle shards and an index naming them (GPTQModel also sizes
     the source by the weight files it finds there); None where the file system links neither way
-    (Windows without symlink rights, the work folder on another drive): then the shards are staged."""
+    (Windows without symlink rights, the work folder on another drive): then the shards are staged.
+    The shards opened to list their tensors go into `opened`, for GPTQModel's reads."""
     carry_side_files(model_dir, folder)
     index = {}
     for shard in weight_files(model_dir):
         if not link(shard.resolve(), folder / shard.name):
             shutil.rmtree(folder)
             return None
-        index |= dict.fromkeys(PickleShard(shard).keys(), shard.name)
+        opened[shard.resolve()] = PickleShard(shard)
+        index |= dict.fromkeys(opened[shard.resolve()].keys(), shard.name)
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
     return folder
 
@@ -112,15 +109,15 @@ def link(target: Path, name: Path) -> bool:
 
 
 @contextmanager
-def pickle_shards_open_as_safetensors() -> Iterator[None]:
-    opened: dict[str, PickleShard] = {}
+def pickle_shards_open_as_safetensors(opened: dict[Path, PickleShard]) -> Iterator[None]:
     originals = {name: importlib.import_module(name).safe_open for name in SAFE_OPEN_USERS}
 
     def safe_open(path, framework="pt", device="cpu", **kw):
         if str(path).endswith(PICKLE_SUFFIXES):
-            if str(path) not in opened:   # unpickling maps the storages; keep the maps for the run
-                opened[str(path)] = PickleShard(Path(path))
-            return opened[str(path)]
+            real = Path(path).resolve()   # GPTQModel opens the links
+            if real not in opened:
+                opened[real] = PickleShard(real)
+            return opened[real]
         return originals[SAFE_OPEN_USERS[0]](path, framework=framework, device=device, **kw)
 
     for name in SAFE_OPEN_USERS:
@@ -136,8 +133,9 @@ def pickle_shards_open_as_safetensors() -> Iterator[None]:
 def carry_side_files(model_dir: Path, folder: Path) -> Path:
     """config, tokenizer and remote code: what GPTQModel reads besides the weights."""
     folder.mkdir(parents=True, exist_ok=True)
+    weights = set(weight_files(model_dir))
     for f in model_dir.iterdir():
-        if f.is_file() and f not in weight_files(model_dir) and not f.name.endswith(".index.json"):
+        if f.is_file() and f not in weights and not f.name.endswith(".index.json"):
             shutil.copy2(f, folder / f.name)
     return folder
 
@@ -150,11 +148,7 @@ def stage_as_safetensors(model_dir: Path, stage: Path) -> Path:
     carry_side_files(model_dir, stage)
     weight_map, total = {}, 0
     for src in tqdm(weight_files(model_dir), desc="staging safetensors", unit="shard"):
-        try:
-            state = torch.load(src, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise XvqError(f"{src}: cannot be read as a PyTorch checkpoint ({type(e).__name__}); "
-                           f"download it again or convert to safetensors") from e
+        state = load_pickle_state(src, mmap=zipfile.is_zipfile(src))   # a legacy pickle cannot be mapped
         name = src.with_suffix(".safetensors").name.replace("pytorch_model", "model")
         tensors = {k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
         save_file(tensors, stage / name, metadata={"format": "pt"})
