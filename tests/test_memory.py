@@ -187,7 +187,7 @@ def test_delta_apply_memory_does_not_grow_with_layers(models, tmp_path):
     assert peaks[8] <= peaks[2] + 25
 
 
-GLIBC_DEFAULT = ("import xvq.heap as h; h.return_freed_buffers_to_os = lambda: False\n"
+GLIBC_DEFAULT = ("import xvq.heap as h; h.return_freed_buffers_to_os = lambda *threshold: False\n"
                  "from xvq.cli import main; main()")
 
 
@@ -218,14 +218,15 @@ def moe_models(tmp_path_factory, xverse_tokenizer_dir) -> dict[int, Path]:
 
 
 def test_moe_gptq_memory_does_not_grow_with_layers(moe_models, tmp_path):
-    """GPTQ frees each layer's float32 weights and Hessians before the next, but with glibc's
-    default heap policy the holes they leave stayed resident and the peak grew with every layer
-    (xvq/heap.py). Bound: half the 3 extra layers' float32 weights, and a third of the growth
-    the same runs show with glibc's default (which proves the measurement sees growth)."""
+    """GPTQ frees each layer's float32 weights and Hessians before the next, but the peak grew
+    with every layer: glibc kept the holes they left, and oneDNN cached a kernel for every expert's
+    token count (xvq/heap.py). Bound: a quarter of the 3 extra layers' float32 weights (issue 16's
+    bound for dense GPTQ). The same runs with glibc's default heap policy must grow by at least an
+    eighth more, which proves the measurement sees growth."""
     fixed = {n: moe_gptq_peak(m, tmp_path / f"g{n}") for n, m in moe_models.items()}
     default = {n: moe_gptq_peak(m, tmp_path / f"d{n}", glibc_default=True) for n, m in moe_models.items()}
     extra_f32_mb = 2 * (ckpt_mb(moe_models[5]) - ckpt_mb(moe_models[2]))
     print(f"\nMoE GPTQ peak RssAnon, 2 -> 5 layers: {fixed[2]:.0f} -> {fixed[5]:.0f} MB; with glibc's default heap "
           f"policy {default[2]:.0f} -> {default[5]:.0f} MB (3 more layers: {extra_f32_mb:.0f} MB as float32)")
-    assert fixed[5] - fixed[2] < extra_f32_mb / 2
-    assert fixed[5] - fixed[2] < (default[5] - default[2]) / 3
+    assert fixed[5] - fixed[2] < extra_f32_mb / 4
+    assert (default[5] - default[2]) - (fixed[5] - fixed[2]) > extra_f32_mb / 8

@@ -13,6 +13,7 @@ import click
 
 from xvq.errors import XvqError
 from xvq.fsio import disk_full, disk_full_error
+from xvq.heap import bound_kernel_caches
 
 # command name -> "module:attribute"
 COMMANDS = {
@@ -101,6 +102,7 @@ class XvqGroup(LazyGroup):
 @click.option("--debug", is_flag=True, help="Show the full traceback of an unexpected error (or set XVQ_DEBUG=1).")
 def main(debug: bool):
     """Convert, quantize, validate and release XVERSE and LLaMA-family models."""
+    bound_kernel_caches()   # before any command's first matmul (xvq/heap.py)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from xvq.calib_data import calibration
 from xvq.checkpoint import read_config, weight_files
 from xvq.errors import XvqError
 from xvq.fsio import atomic_output, require_free, scratch_dir
-from xvq.heap import return_freed_buffers_to_os
+from xvq.heap import bound_kernel_caches, return_freed_buffers_to_os
 from xvq.models import family_for
 from xvq.models.base import Family
 from xvq.quantize import gptq_moe
@@ -123,6 +123,11 @@ def linear_input_widths(family: Family) -> dict[str, int]:
         if ".layers.0." in name and name.endswith("_proj.weight") and len(shape) == 2:
             widths[name.split(".layers.0.", 1)[1].removesuffix(".weight")] = shape[1]
     return widths
+
+
+def smallest_hessian_bytes(family: Family) -> int:
+    """GPTQ's per-module blocks are its Hessians (input width squared, float32) and the weights."""
+    return 4 * min(linear_input_widths(family).values()) ** 2
 
 
 def check_settings(settings: GptqSettings, family: Family, source: Path) -> None:
@@ -351,6 +356,7 @@ def _prepare_environment() -> None:
     # GPTQModel sizes its CPU worker pool from this; without it a small machine oversubscribes.
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    bound_kernel_caches()   # effective here when nothing in this process has run a matmul yet
     import xvq  # noqa: F401  (registers XVERSE with transformers before GPTQModel loads configs)
 
 
@@ -390,7 +396,8 @@ def quantize_gptq(model_dir: Path | str, outdir: Path | str, settings: GptqSetti
             gptq_readable(model_dir, Path(work)) as source:   # work is swept if this run is killed
         work = Path(work)
         cls = qmodel_class(family)
-        return_freed_buffers_to_os()   # else the peak grows with every layer (xvq/heap.py)
+        # else the peak grows with every layer (xvq/heap.py); the smaller blocks (activations) stay on the faster heap
+        return_freed_buffers_to_os(smallest_hessian_bytes(family) // 4)
         torch.manual_seed(settings.seed)
         model = cls.from_pretrained(str(source), quantize_config=settings.quantize_config(work / "offload"),
                                     dtype=settings.torch_calib_dtype())
