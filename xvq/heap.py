@@ -27,13 +27,13 @@ import sys
 
 M_MMAP_THRESHOLD = -3          # glibc's mallopt parameter number
 INITIAL_THRESHOLD = 128 * 1024
-MAX_THRESHOLD = 32 * 1024 * 1024   # glibc's ceiling on 64-bit
+MAX_THRESHOLD = 32 * 1024 * 1024   # mallopt(3)'s ceiling on 64-bit (older glibc refuses more)
 KERNEL_CACHE_ENTRIES = "64"
 KERNEL_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")   # oneDNN's, ideep's
 
 
 def return_freed_buffers_to_os(threshold: int = INITIAL_THRESHOLD) -> bool:
-    """Serve blocks of `threshold` bytes and more (clamped to glibc's 128 KiB..32 MiB) with mmap,
+    """Serve blocks of `threshold` bytes and more (clamped to 128 KiB..32 MiB) with mmap,
     so they are unmapped when freed; False where the C library is not glibc."""
     if not sys.platform.startswith("linux"):
         return False
