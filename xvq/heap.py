@@ -32,7 +32,7 @@ KERNEL_CACHE_ENTRIES = "64"
 KERNEL_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")   # oneDNN's, ideep's
 
 
-def return_freed_buffers_to_os(threshold: int = INITIAL_THRESHOLD) -> bool:
+def return_freed_buffers_to_os(threshold: int) -> bool:
     """Serve blocks of `threshold` bytes and more (clamped to 128 KiB..32 MiB) with mmap,
     so they are unmapped when freed; False where the C library is not glibc."""
     if not sys.platform.startswith("linux"):

@@ -125,9 +125,10 @@ def linear_input_widths(family: Family) -> dict[str, int]:
     return widths
 
 
-def smallest_hessian_bytes(family: Family) -> int:
-    """GPTQ's per-module blocks are its Hessians (input width squared, float32) and the weights."""
-    return 4 * min(linear_input_widths(family).values()) ** 2
+def mmap_threshold(family: Family) -> int:
+    """A quarter of GPTQ's smallest per-module block, the narrowest input's Hessian (width² float32):
+    every Hessian and weight is then mapped and unmapped, the smaller activations stay on the heap."""
+    return min(linear_input_widths(family).values()) ** 2
 
 
 def check_settings(settings: GptqSettings, family: Family, source: Path) -> None:
@@ -396,8 +397,7 @@ def quantize_gptq(model_dir: Path | str, outdir: Path | str, settings: GptqSetti
             gptq_readable(model_dir, Path(work)) as source:   # work is swept if this run is killed
         work = Path(work)
         cls = qmodel_class(family)
-        # else the peak grows with every layer (xvq/heap.py); the smaller blocks (activations) stay on the faster heap
-        return_freed_buffers_to_os(smallest_hessian_bytes(family) // 4)
+        return_freed_buffers_to_os(mmap_threshold(family))   # else the peak grows with every layer (xvq/heap.py)
         torch.manual_seed(settings.seed)
         model = cls.from_pretrained(str(source), quantize_config=settings.quantize_config(work / "offload"),
                                     dtype=settings.torch_calib_dtype())

@@ -89,11 +89,12 @@ def linked_pickle_shards(model_dir: Path, folder: Path, opened: dict[Path, Pickl
     carry_side_files(model_dir, folder)
     index = {}
     for shard in weight_files(model_dir):
-        if not link(shard.resolve(), folder / shard.name):
+        real = shard.resolve()
+        if not link(real, folder / shard.name):
             shutil.rmtree(folder)
             return None
-        opened[shard.resolve()] = PickleShard(shard)
-        index |= dict.fromkeys(opened[shard.resolve()].keys(), shard.name)
+        opened[real] = PickleShard(shard)   # errors name the path the user gave
+        index |= dict.fromkeys(opened[real].keys(), shard.name)
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
     return folder
 
