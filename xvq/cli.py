@@ -5,14 +5,14 @@ from __future__ import annotations
 import importlib
 import os
 import signal
-import threading
 import traceback
 from pathlib import Path
 
 import click
 
+from xvq import interrupt
 from xvq.errors import XvqError
-from xvq.fsio import disk_full, disk_full_error
+from xvq.fsio import disk_full, disk_full_error, remove_live_partials
 from xvq.heap import bound_kernel_caches
 
 # command name -> "module:attribute"
@@ -52,11 +52,6 @@ def debugging(ctx: click.Context | None = None) -> bool:
     return os.environ.get("XVQ_DEBUG", "") not in ("", "0") or bool(ctx and ctx.params.get("debug"))
 
 
-def _sigterm_as_interrupt(signum, frame):
-    # `timeout`, `docker stop` and service managers send SIGTERM: clean up as for Ctrl-C
-    raise KeyboardInterrupt
-
-
 def as_one_line(e: Exception) -> XvqError:
     """What a user sees for an exception no stage turned into an XvqError."""
     if isinstance(e, OSError) and e.filename and disk_full(e, Path(e.filename).parent):
@@ -78,23 +73,27 @@ class XvqGroup(LazyGroup):
         return super().parse_args(ctx, args)
 
     def invoke(self, ctx):
-        main_thread = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt) if main_thread else None
+        # Ctrl-C, `timeout`, `docker stop` and service managers: one policy (xvq/interrupt.py)
+        previous = interrupt.install()
         try:
             return super().invoke(ctx)
         except XvqError:
             if debugging(ctx):
                 traceback.print_exc()
             raise
-        except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt, SystemExit):
+        except KeyboardInterrupt:
+            name = signal.Signals(interrupt.exit_code() - 128).name
+            click.echo(f"xvq: stopped by {name}; partial files removed, nothing stamped; "
+                       f"run the same command again to redo the interrupted step", err=True)
+            raise click.exceptions.Exit(interrupt.exit_code()) from None
+        except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
             raise
         except Exception as e:
             if debugging(ctx):
                 raise
             raise as_one_line(e) from e
         finally:
-            if main_thread:
-                signal.signal(signal.SIGTERM, previous)
+            interrupt.restore(previous)
 
 
 @click.group(cls=XvqGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -105,5 +104,16 @@ def main(debug: bool):
     bound_kernel_caches()   # before any command's first matmul (xvq/heap.py)
 
 
+def entry() -> None:
+    """The `xvq` program: an interrupted run ends at once with 128 + the signal, whatever
+    threads (llama.cpp's quantizer, GPTQModel's workers) are still running."""
+    try:
+        main()
+    except SystemExit:
+        if interrupt.requested():
+            interrupt.exit_now(remove_live_partials)
+        raise
+
+
 if __name__ == "__main__":
-    main()
+    entry()

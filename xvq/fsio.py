@@ -19,6 +19,7 @@ from typing import Iterator
 
 import psutil
 
+from xvq import interrupt
 from xvq.errors import XvqError
 
 PARTIAL = ".xvq-partial"
@@ -27,6 +28,7 @@ _LEGACY = re.compile(r"\.xvq-tmp-(\d+)$")      # earlier versions: .<name>.xvq-t
 # Below this much free space a failed write is reported as a full disk: writers such as numpy's
 # tofile or llama.cpp's iostreams lose errno, but the folder's free space tells the story.
 NEARLY_FULL = 64 << 20
+_live: set[Path] = set()   # partials this process is writing
 
 
 def partial_path(final: Path) -> Path:
@@ -36,10 +38,6 @@ def partial_path(final: Path) -> Path:
 
 def lock_path(partial: Path) -> Path:
     return partial.with_name(partial.name + LOCK)
-
-
-# kept for callers of the earlier API
-temp_sibling = partial_path
 
 
 def _remove(p: Path) -> None:
@@ -206,6 +204,7 @@ def partial_output(final: Path, *, is_dir: bool = False) -> Iterator[Path]:
     except BaseException:
         remove_empty(created)
         raise
+    _live.add(tmp)
     try:
         _remove(tmp)
         if is_dir:
@@ -214,15 +213,26 @@ def partial_output(final: Path, *, is_dir: bool = False) -> Iterator[Path]:
         failed = False
     except BaseException as e:
         full = not isinstance(e, (KeyboardInterrupt, SystemExit)) and disk_full(e, final.parent)
-        _remove(tmp)
+        with interrupt.shielded():
+            _remove(tmp)
         if full:
             raise disk_full_error(final) from e
         raise
     finally:
-        _remove(tmp)   # renamed away on success: a no-op then
-        _remove(lock)
-        if failed:
-            remove_empty(created)
+        with interrupt.shielded():
+            _remove(tmp)   # renamed away on success: a no-op then
+            _remove(lock)
+            _live.discard(tmp)
+            if failed:
+                remove_empty(created)
+
+
+def remove_live_partials() -> None:
+    """Remove every partial this process has open: an interrupted run's last act, since a worker
+    thread still inside llama.cpp may have created its file again after the cleanup."""
+    for tmp in list(_live):
+        _remove(tmp)
+        _remove(lock_path(tmp))
 
 
 @contextlib.contextmanager
@@ -232,6 +242,7 @@ def atomic_output(final: Path | str, *, is_dir: bool = False) -> Iterator[Path]:
     final = Path(final)
     with partial_output(final, is_dir=is_dir) as tmp:
         yield tmp
+        interrupt.check()   # a result finished under a signal is never renamed as complete
         if final.is_dir() and not final.is_symlink():
             # a folder cannot be replaced in one step: move the old one aside (also a partial
             # name, so a kill between the two renames leaves nothing a sweep would not remove)
@@ -242,14 +253,6 @@ def atomic_output(final: Path | str, *, is_dir: bool = False) -> Iterator[Path]:
             _remove(old)
         else:
             os.replace(tmp, final)
-
-
-@contextlib.contextmanager
-def atomic_files(finals: list[Path]) -> Iterator[list[Path]]:
-    """Like atomic_output for several files that only make sense together (GGUF shards)."""
-    with contextlib.ExitStack() as stack:
-        tmps = [stack.enter_context(atomic_output(f)) for f in finals]
-        yield tmps
 
 
 def atomic_write_text(final: Path | str, text: str) -> Path:

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Iterable
 
-from xvq import identity
+from xvq import identity, interrupt
 from xvq.fsio import atomic_write_text
 from xvq.identity import sha256_file  # noqa: F401  (re-exported: package.py hashes with it)
 
@@ -55,6 +55,7 @@ class Stamps:
                 and saved.get("outputs") == fingerprint(outputs))
 
     def record(self, step: str, inputs: dict, outputs: Iterable[Path] = ()) -> None:
+        interrupt.check()   # only a step that ran to its end without a signal is stamped
         stamp = {"digest": digest(inputs), "inputs": inputs, "outputs": fingerprint(outputs)}
         atomic_write_text(self._path(step), json.dumps(stamp, indent=1, default=str))
         identity.flush()

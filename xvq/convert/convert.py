@@ -12,6 +12,7 @@ from tqdm import tqdm
 from xvq.checkpoint import Checkpoint, open_checkpoint
 from xvq.convert.vocab import add_vocab
 from xvq.convert.writer import OUTTYPES, StreamingWriter, tensor_type
+from xvq import interrupt
 from xvq.errors import XvqError
 from xvq.fsio import disk_full, disk_full_error, partial_output, require_free
 from xvq.layout import model_name
@@ -163,6 +164,7 @@ def write_staged(w: StreamingWriter, plans, staging: Path, outfile: Path, name: 
         if disk_full(e, outfile.parent):
             raise disk_full_error(outfile) from e
         raise
+    interrupt.check()   # a file finished under a signal is not moved to its final name
     written = []
     for f in sorted(staging.iterdir()):
         os.replace(f, outfile.parent / f.name)

@@ -9,10 +9,12 @@ from typing import Callable
 
 import numpy as np
 
+from xvq import interrupt
 from xvq.errors import XvqError
 from xvq.llamacpp import runtime
 
 GGML_LOG_LEVEL_ERROR = 4
+_ABANDONED: list = []
 _TENSOR_LINE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]")
 
 
@@ -96,12 +98,14 @@ def quantize_model(src: Path, dst: Path, *, ftype: int, n_threads: int = 0, allo
             errors.append(text.strip())
 
     cb = runtime.capture_log(lambda level, text: _guard(on_line, level, text))
-    try:
-        rc = C.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p))
+    try:   # in a worker thread: llama.cpp's quantizer has no way to be told to stop
+        rc = interrupt.blocking(C.llama_model_quantize, str(src).encode(), str(dst).encode(), ctypes.byref(p))
+    except interrupt.Interrupted:
+        _ABANDONED.append((p, keep, cb))   # that thread still reads them until the process ends
+        raise
     finally:
         runtime.quiet(force=True)
-        del cb
-    del keep
+    del keep, cb
     if rc != 0 or not Path(dst).is_file():
         detail = errors[-1] if errors else (tail[-1].strip() if tail else f"code {rc}")
         if _write_failed(detail, Path(dst)):

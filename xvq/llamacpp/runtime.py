@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
+from xvq import interrupt
 from xvq.errors import XvqError
 
-_state = {"log_cb": None, "verbose": False, "backend": False}
+_state = {"log_cb": None, "verbose": False, "backend": False, "stop_cb": None}
 
 
 def _lib():
@@ -21,7 +22,26 @@ def _lib():
         C.llama_backend_init()
         _state["backend"] = True
     quiet()
+    interrupt.check()   # a signal recorded in a callback of the previous call
     return C
+
+
+@interrupt.c_callback
+def _stop_requested(*_args) -> bool:
+    """ggml's abort callback (true: stop computing) and, negated, llama.cpp's load progress."""
+    return interrupt.requested()
+
+
+@interrupt.c_callback
+def _keep_loading(_progress, _user) -> bool:
+    return not interrupt.requested()
+
+
+def _stop_callbacks(C):
+    """The ctypes thunks for every context and load, made once and kept for the process."""
+    if _state["stop_cb"] is None:
+        _state["stop_cb"] = (C.ggml_abort_callback(_stop_requested), C.llama_progress_callback(_keep_loading))
+    return _state["stop_cb"]
 
 
 @functools.cache
@@ -52,21 +72,31 @@ def quiet(force: bool = False) -> None:
         return
     # the ctypes thunk must outlive every call llama.cpp makes into it: kept in _state
     old = _state["log_cb"]
-    _state["log_cb"] = C.llama_log_callback(_print_log if _state["verbose"] else (lambda level, text, user: None))
+    _state["log_cb"] = C.llama_log_callback(_print_log if _state["verbose"] else _drop_log)
     C.llama_log_set(_state["log_cb"], ctypes.c_void_p(0))
     del old   # only now may the previous thunk go
 
 
+@interrupt.c_callback
 def _print_log(level, text, user):
     import sys
     sys.stderr.write(text.decode("utf-8", "replace"))
+
+
+@interrupt.c_callback
+def _drop_log(level, text, user):
+    pass
 
 
 def capture_log(on_line) -> object:
     """Route llama.cpp's log to `on_line(level, text)` until `quiet(force=True)`; returns the
     callback, which the caller keeps alive."""
     C = _lib()
-    cb = C.llama_log_callback(lambda level, text, user: on_line(level, text.decode("utf-8", "replace")))
+
+    @interrupt.c_callback
+    def forward(level, text, user):
+        on_line(level, text.decode("utf-8", "replace"))
+    cb = C.llama_log_callback(forward)
     C.llama_log_set(cb, ctypes.c_void_p(0))
     return cb
 
@@ -144,8 +174,10 @@ class Gguf:
         mp.vocab_only = vocab_only
         self.n_gpu_layers = 0 if vocab_only else resolve_gpu_layers(gpu_layers)
         mp.n_gpu_layers = self.n_gpu_layers
+        mp.progress_callback = _stop_callbacks(C)[1]   # a signal stops a long load
         self.model = C.llama_model_load_from_file(str(self.path).encode(), mp)
         if not self.model:
+            interrupt.check()
             what = "its vocabulary" if vocab_only else "it"
             raise XvqError(f"{self.path}: llama.cpp cannot load {what}; the file is damaged or not a model GGUF "
                            f"(convert the model again with xvq convert)")
@@ -212,7 +244,9 @@ class Context:
         if tap is not None:
             cp.cb_eval = tap.callback
             cp.cb_eval_user_data = None
+        cp.abort_callback = _stop_callbacks(C)[0]   # a signal stops a decode between graph nodes
         self.ctx = C.llama_init_from_model(model.model, cp)
+        interrupt.check()
         if not self.ctx:
             raise XvqError(f"{model.path}: llama.cpp cannot create a context of {total} tokens; use a smaller --ctx")
         self.batch = C.llama_batch_init(total, 0, n_seq)
@@ -247,6 +281,7 @@ class Context:
         np.ctypeslib.as_array(self.batch.token, shape=(n * self.n_seq,))[:k * n] = windows.reshape(-1)
         self.batch.n_tokens = k * n
         rc = C.llama_decode(self.ctx, self.batch)
+        interrupt.check()   # before the tap's or llama.cpp's error: a stopped decode is not a failure
         if self.tap is not None and self.tap.error is not None:
             err, self.tap.error = self.tap.error, None
             raise err
@@ -282,6 +317,7 @@ def chat_model(path: Path | str, n_ctx: int = 0, *, n_batch: int = 512, gpu_laye
     _lib()
     try:
         llm = Llama(str(path), n_ctx=n_ctx, n_batch=n_batch, n_gpu_layers=n_gpu, verbose=_state["verbose"])
+        interrupt.check()
     except Exception as e:   # llama-cpp-python raises ValueError/RuntimeError for unloadable files
         raise XvqError(f"{path}: llama.cpp could not load it ({e}); {hint}") from e
     finally:

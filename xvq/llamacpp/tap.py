@@ -13,6 +13,7 @@ from typing import Callable
 
 import numpy as np
 
+from xvq import interrupt
 from xvq.errors import XvqError
 
 
@@ -122,7 +123,8 @@ class MatMul:
 
 class MatMulTap:
     """cb_eval for a Context: `select(mm)` on the ask pass, `collect(mm)` once computed. An
-    exception never unwinds through C: it is kept in `error` and raised after the decode."""
+    exception never unwinds through C: it is kept in `error` and raised after the decode; a
+    signal (xvq.interrupt) stops the graph at the next matmul."""
 
     def __init__(self, select: Callable[[MatMul], bool], collect: Callable[[MatMul], None]):
         self.select, self.collect = select, collect
@@ -134,7 +136,10 @@ class MatMulTap:
         from llama_cpp import llama_cpp as C
         self.callback = C.ggml_backend_sched_eval_callback(self._cb)
 
+    @interrupt.c_callback
     def _cb(self, ptr, ask, _user):
+        if interrupt.requested():
+            return bool(ask)   # "needed", then "stop": ggml breaks off the graph there
         try:
             t = ctypes.cast(ptr, ctypes.POINTER(GgmlTensor)).contents
             if not self._checked:
