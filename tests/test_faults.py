@@ -155,11 +155,11 @@ def test_sigterm_at_every_stage_stops_at_once_then_resume(reference):
         took = time.monotonic() - t
         assert p.returncode == 143, out + err
         assert "stopped by SIGTERM" in err and "Traceback" not in err and "Exception ignored" not in err, err
-        step = FAILED_STEP.findall(err)
-        assert step, err
-        stopped[step[-1]] = max(took, stopped.get(step[-1], 0.0))
-        assert took < 2.0, f"{step[-1]} took {took:.2f} s to stop"
-        assert not (base / ".stamps" / f"{step[-1]}.json").exists(), f"{step[-1]} stamped after SIGTERM"
+        failed = FAILED_STEP.findall(err)
+        step = failed[-1] if failed else "between steps"   # a quick step can end before the signal lands
+        stopped[step] = max(took, stopped.get(step, 0.0))
+        assert took < 2.0, f"{step} took {took:.2f} s to stop"
+        assert not (base / ".stamps" / f"{step}.json").exists(), f"{step} stamped after SIGTERM"
         assert_clean(root)
     print("stopped within (s):", {k: round(v, 2) for k, v in stopped.items()})
     assert {"gptq-int4", "validate", "package"} <= set(stopped), stopped   # the long steps were caught in the act

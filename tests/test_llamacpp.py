@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from tests.conftest import DEMO
 from xvq.errors import XvqError
-from xvq.llamacpp import parse_size
+from xvq.units import parse_size
 
 
 @pytest.mark.parametrize("text,bytes_", [("4G", 4_000_000_000), ("48GB", 48_000_000_000), ("500M", 500_000_000),
@@ -30,6 +30,15 @@ def test_sizes_without_a_unit_are_refused_with_a_hint(text):
     assert "\n" not in msg and "--split-max-size" in msg and "4G" in msg
     if text == "48":
         assert "48G" in msg
+
+
+@pytest.mark.parametrize("text,says", [("0", "give a number with a unit"), ("0G", "must be more than 0"),
+                                       ("-1G", "give a number with a unit")])
+def test_a_size_that_must_be_positive_says_so_once(text, says):
+    """'--target-size 0' answered "did you mean 0G?", and then 0G was refused as not positive."""
+    with pytest.raises(XvqError) as e:
+        parse_size(text, "--target-size", minimum=1)
+    assert says in e.value.message and "did you mean" not in e.value.message, e.value.message
 
 
 def test_every_size_option_uses_the_rule(tmp_path):

@@ -282,3 +282,49 @@ def test_header_reader_agrees_with_gguf_py(stories, stories_imatrix, tmp_path):
                    if not k.startswith("GGUF.") and f.types[0] != gguf.GGUFValueType.ARRAY}
         assert {k: ours.kv[k] for k in scalars} == pytest.approx(scalars)
         assert set(ours.kv) == set(scalars)
+
+
+# ---------------------------------------------------------------- what a command writes, and where
+
+@pytest.fixture(scope="module")
+def spaced_f16(tmp_path_factory):
+    """The demo's f16 GGUF whose general.name has spaces, as published GGUFs' names do."""
+    from tests.conftest import DEMO
+    from xvq.convert import convert
+    if not DEMO.is_dir():
+        pytest.skip("demo model not built")
+    return convert(DEMO, tmp_path_factory.mktemp("spaced") / "demo-f16.gguf", "f16", name="Demo Model 1",
+                   progress=False)[0]
+
+
+def test_outdir_holds_everything_the_command_writes(spaced_f16, tmp_path, monkeypatch):
+    """The imatrix (and its stamps) went to ./out/<name>/ under the current folder."""
+    from click.testing import CliRunner
+    from xvq.cli import main
+    cwd, out = tmp_path / "cwd", tmp_path / "dest"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    r = CliRunner().invoke(main, ["quantize", "gguf", str(spaced_f16), "--type", "Q4_K_M", "--calib-tokens", "2048",
+                                  "--outdir", str(out)])
+    assert r.exit_code == 0, r.output
+    assert list(cwd.iterdir()) == []
+    assert (out / "demo-model-1-q4_k_m.gguf").is_file()
+    # the layout below --outdir is named for a folder, not with general.name's spaces
+    assert [p.name for p in out.iterdir() if p.is_dir()] == ["Demo-Model-1"]
+    assert (out / "Demo-Model-1" / "imatrix" / "demo-model-1.imatrix.gguf").is_file()
+
+
+def test_truncated_gguf_is_named_with_the_fix(spaced_f16, tmp_path):
+    """A Q8_0 file cut short passed llama.cpp's "tensor data is not within the file bounds" on."""
+    from click.testing import CliRunner
+    from xvq.cli import main
+    q8 = quantize(spaced_f16, ["Q8_0"], imatrix="none", outdir=tmp_path / "q", progress=False)[0]
+    cut = tmp_path / "cut-q8_0.gguf"
+    cut.write_bytes(q8.read_bytes()[: q8.stat().st_size * 2 // 3])
+    for args in (["quantize", "gguf", str(cut), "--type", "Q4_0", "--imatrix", "none", "--outdir", str(tmp_path / "o")],
+                 ["fit", str(cut), "--ram", "8G"]):
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 1, r.output
+        line = [ln for ln in r.output.splitlines() if ln.startswith("Error")]
+        assert len(line) == 1 and "cut-q8_0.gguf: truncated GGUF" in line[0] and "again" in line[0], r.output
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").rglob("*.gguf"))

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -528,3 +529,32 @@ def test_gguf_carries_no_path_of_the_machine_that_built_it(tmp_path):
     data = [p.read_bytes() for p in outs]
     assert data[0] == data[1]
     assert str(tmp_path).encode() not in data[0] and b"quantize.imatrix.file" in data[0]
+
+
+# ---------------------------------------------------------------- 6. legacy (pre-zip) pickles
+
+def test_legacy_pickle_converts_like_the_zip_format(bin_model, tmp_path):
+    """PyTorch < 1.6 wrote `pytorch_model.bin` as a plain pickle, not a zip: a valid file that
+    was refused with a message cut mid-word. It converts now, to the same GGUF as the zip format."""
+    import torch
+    reference = tmp_path / "zip.gguf"
+    assert invoke("convert", bin_model, "--outfile", reference, "--outtype", "f32").exit_code == 0
+    for shard in bin_model.glob("pytorch_model*.bin"):
+        state = torch.load(shard, weights_only=True)
+        torch.save(state, shard, _use_new_zipfile_serialization=False)
+        assert not zipfile.is_zipfile(shard)
+    legacy = tmp_path / "legacy.gguf"
+    r = invoke("convert", bin_model, "--outfile", legacy, "--outtype", "f32")
+    assert r.exit_code == 0, r.output
+    assert sha(legacy) == sha(reference)
+
+
+def test_library_messages_are_cut_at_a_word():
+    """torch's legacy-pickle complaint is 170 characters; it was cut at 120, mid-word ("your che")."""
+    from xvq.errors import first_words
+    torch_says = ("mmap can only be used with files saved with `torch.save(_use_new_zipfile_serialization=True), "
+                  "please torch.save your checkpoint with this option in order to use mmap.\nmore")
+    cut = first_words(torch_says, 120)
+    assert cut == ("mmap can only be used with files saved with `torch.save(_use_new_zipfile_serialization=True), "
+                   "please torch.save your …")
+    assert first_words("short\nsecond line") == "short"

@@ -403,3 +403,51 @@ def test_reference_backend_follows_the_memory_at_hand(tmp_path, monkeypatch):
     assert reports["1M"].entry(q8)["device"] == "cpu"
     assert k_low == pytest.approx(k_high, rel=0.25), (k_low, k_high)
     assert low["perplexity"] == pytest.approx(high["perplexity"], rel=2e-3)
+
+
+# --- artifacts of another model, and a reference competent on nothing --------------------------
+
+@pytest.fixture(scope="module")
+def smaller_xverse(tiny_xverse, tmp_path_factory):
+    """Another XVERSE with the same tokenizer and vocabulary: 3 layers of width 128 (tiny_xverse: 2 of 256)."""
+    from xvq.synth import make_checkpoint, tiny_config
+    d = tmp_path_factory.mktemp("smaller-xverse")
+    for f in tiny_xverse.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+            shutil.copy(f, d / f.name)
+    n_vocab = json.loads((tiny_xverse / "config.json").read_text())["vocab_size"]
+    make_checkpoint(d, tiny_config("xverse", vocab_size=n_vocab, hidden_size=128, num_hidden_layers=3,
+                                   num_attention_heads=2), fmt="safetensors")
+    return d
+
+
+def test_artifact_of_another_model_is_refused_before_scoring(tiny_xverse, smaller_xverse, tmp_path):
+    """Same vocabulary, other width and depth: it was scored, and failed only its KLD gate."""
+    gguf_file = convert(smaller_xverse, tmp_path / "smaller-f32.gguf", "f32", progress=False)[0]
+    text = tmp_path / "t.txt"
+    text.write_text(EN, encoding="utf-8")
+    res = CliRunner().invoke(main, ["validate", "--reference", str(tiny_xverse), str(gguf_file), str(smaller_xverse),
+                                    "--ctx", "64", "--text", str(text), "--report", str(tmp_path / "rep")])
+    assert res.exit_code == 1, res.output
+    for entry in load_report(tmp_path / "rep")["artifacts"]:
+        assert entry["n_tokens_scored"] == 0 and entry["kld_mean"] is None   # never scored
+        (reason,) = entry["reasons"]
+        assert f"not made from {tiny_xverse.name}" in reason, reason
+        assert "layers 3 (the reference: 2)" in reason and "width 128 (the reference: 256)" in reason, reason
+        assert "vocabulary" not in reason and "architecture" not in reason   # those agree
+        assert f"FAIL {entry['path']}" in res.output
+
+
+def test_reference_competent_on_nothing_is_gated_everywhere_and_says_so(tiny_xverse, xverse_ggufs, tmp_path):
+    """Random weights: the report said "not competent ... not gated" for every language while its
+    FAIL line gated them all. Every language is gated, and the report says so."""
+    report = validate(tiny_xverse, [xverse_ggufs[0]], ctx=64, max_tokens=4096, report_dir=tmp_path / "rep",
+                      progress=False)
+    comp = report.data["reference"]["per_language"]
+    scored = [lang for lang, r in comp.items() if r["n_windows"] >= 2]
+    assert len(scored) > 1 and not any(comp[lang]["competence"]["competent"] for lang in scored)
+    entry = report.entry(xverse_ggufs[0])
+    assert all(entry["per_language"][lang]["competent"] for lang in scored)   # gated, as the FAIL line does
+    md = (tmp_path / "rep" / "report.md").read_text(encoding="utf-8")
+    assert "not gated" not in md and "(not competent)" not in md
+    assert "competent on none of the languages" in md and "every language is gated" in md

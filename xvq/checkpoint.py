@@ -7,12 +7,13 @@ import json
 import pickle
 import re
 import struct
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from xvq.errors import XvqError
+from xvq.errors import XvqError, first_words
 from xvq.models.base import SourceTensor
 
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
@@ -168,11 +169,12 @@ def safetensors_tensors(path: Path) -> dict[str, SourceTensor]:
 
 
 def load_pickle_state(path: Path, *, mmap: bool = True) -> dict:
-    """A PyTorch pickle's state dict, weights only (memory-mapped unless `mmap` is False, which
-    legacy pre-zip pickles need); one-line errors for corrupt files and pickles that carry code."""
+    """A PyTorch pickle's state dict, weights only, memory-mapped unless `mmap` is False or the
+    file is a legacy pre-zip pickle (PyTorch < 1.6), which torch can only read whole; one-line
+    errors for corrupt files and pickles that carry code."""
     import torch
     try:
-        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+        return torch.load(path, map_location="cpu", mmap=mmap and zipfile.is_zipfile(path), weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights only" not in str(e).lower():
             raise XvqError(f"{path}: cannot be read as a PyTorch checkpoint (corrupt pickle); "
@@ -185,7 +187,7 @@ def load_pickle_state(path: Path, *, mmap: bool = True) -> dict:
                        f"preferably as safetensors") from None
     except Exception as e:  # torch raises several types for truncated / non-zip files
         raise XvqError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: "
-                       f"{str(e).splitlines()[0][:120]}); download it again or convert to safetensors") from e
+                       f"{first_words(str(e))}); download it again or convert to safetensors") from e
 
 
 def pickle_tensors(path: Path) -> dict[str, SourceTensor]:

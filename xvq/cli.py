@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from xvq import interrupt
-from xvq.errors import XvqError
+from xvq.errors import XvqError, first_words
 from xvq.fsio import disk_full, disk_full_error, remove_live_partials
 from xvq.heap import bound_kernel_caches
 
@@ -58,7 +58,7 @@ def as_one_line(e: Exception) -> XvqError:
         return disk_full_error(Path(e.filename))
     if isinstance(e, OSError) and e.filename:
         return XvqError(f"{e.filename}: {e.strerror or e}; check the path and its permissions")
-    return XvqError(f"internal error ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+    return XvqError(f"internal error ({type(e).__name__}: {first_words(e, 200)}); "
                     f"rerun with --debug (or XVQ_DEBUG=1) for the traceback and report it")
 
 

@@ -200,7 +200,7 @@ def non_weight_files(folder: Path) -> list[Path]:
 
 
 def _write_model(steps: list[Step], files_from: Path, outdir: Path, shard_size: str | int, desc: str) -> Path:
-    from xvq.llamacpp import parse_size
+    from xvq.units import parse_size
     max_bytes = parse_size(shard_size, "--shard-size")
     outdir = Path(outdir)
     if outdir.exists() and (not outdir.is_dir() or any(outdir.iterdir())):

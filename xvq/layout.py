@@ -40,6 +40,12 @@ def model_name(model_dir: Path | str, name: str | None = None) -> str:
     return Path(model_dir).resolve().name
 
 
+def folder_name(name: str) -> str:
+    """A model name fit for a folder: "SmolLM2 135M" -> "SmolLM2-135M" (case kept, as XVERSE's
+    folder names keep it; spaces and path characters replaced)."""
+    return re.sub(r"[^\w.+-]+", "-", name).strip("-.")
+
+
 def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-")
 

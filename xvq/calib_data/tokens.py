@@ -87,7 +87,11 @@ def _load_encoder(folder: Path):
             raise XvqError(f"{tokenizer_json}: cannot be read as a tokenizer ({e}); pass a valid tokenizer folder") from e
         def encode(text: str) -> int:
             return len(tok.encode(text, add_special_tokens=False).ids)
-        encode.batch = lambda texts: [len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False)]
+        def batch(texts: list[str], per_call: int = 64) -> list[int]:
+            # slices: one Rust call over the whole corpus takes seconds, and a signal waits for it
+            return [len(e.ids) for i in range(0, len(texts), per_call)
+                    for e in tok.encode_batch(texts[i:i + per_call], add_special_tokens=False)]
+        encode.batch = batch
         return encode
     if not folder.is_dir():
         raise XvqError(f"{folder}: tokenizer folder not found; pass --tokenizer a folder with tokenizer.json or tokenizer.model")

@@ -16,8 +16,9 @@ from xvq import interrupt
 from xvq.errors import XvqError
 from xvq.fsio import disk_full, disk_full_error, partial_output, require_free
 from xvq.layout import model_name
-from xvq.llamacpp import parse_size, tensor_nbytes
+from xvq.llamacpp import tensor_nbytes
 from xvq.models import Family, family_for
+from xvq.units import parse_size
 
 
 def check_shapes(fam: Family, ckpt: Checkpoint) -> None:

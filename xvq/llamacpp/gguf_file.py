@@ -1,6 +1,5 @@
 """GGUF files as llama.cpp lays them out: the header without materialising arrays, the shards of a
-split file (names from `xvq.layout`), tensor byte sizes, and the one size syntax of every option
-that takes a size (`--split-max-size`, `--max-shard-size`, `--ram`)."""
+split file (names from `xvq.layout`), tensor byte sizes."""
 from __future__ import annotations
 
 import mmap
@@ -14,30 +13,6 @@ import numpy as np
 
 from xvq.errors import XvqError
 from xvq.layout import gguf_shards
-
-# ---------------------------------------------------------------------------------------------
-# Sizes: K/M/G/T are decimal (llama.cpp's split sizes, disk vendors), KiB/MiB/GiB/TiB binary.
-# ---------------------------------------------------------------------------------------------
-
-_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
-          "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
-_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(K|M|G|T|KI|MI|GI|TI)B?\s*", re.I)
-SIZE_HELP = "K/M/G/T are decimal (4G = 4,000,000,000 bytes), KiB/MiB/GiB/TiB binary"
-
-
-def parse_size(text: str | int | None, option: str = "size") -> int:
-    """'4G' -> 4_000_000_000, '2GiB' -> 2_147_483_648; None/'' -> 0 (no limit). A bare number is
-    refused: '48' could mean bytes or gigabytes, and guessing wrong splits a model into 10^9 files."""
-    if text is None or text == "":
-        return 0
-    if isinstance(text, int):
-        return text
-    m = _SIZE.fullmatch(str(text))
-    if not m:
-        hint = f"; did you mean {text}G?" if str(text).strip().replace(".", "", 1).isdigit() else ""
-        raise XvqError(f"{option} {text!r}: give a number with a unit, e.g. 4G or 2GiB ({SIZE_HELP}){hint}")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-
 
 def tensor_nbytes(shape: tuple[int, ...], qtype: int | gguf.GGMLQuantizationType) -> int:
     block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
@@ -116,19 +91,30 @@ def read_header(path: Path) -> GgufHeader:
         for _ in range(n_kv):
             key = string()
             kv[key] = value(take("I"))
-        tensors = {}
+        tensors, data_end = {}, 0
         for _ in range(n_tensors):
             name = string()
             shape = tuple(take("Q") for _ in range(take("I")))
             tensors[name] = (shape, take("I"))
-            take("Q")   # data offset
+            data_end = max(data_end, take("Q") + _nbytes_or_zero(shape, tensors[name][1]))
         align = int(kv.get("general.alignment") or 32)
         data_offset = pos + (-pos % align)
+        size = len(mm)
     except (struct.error, ValueError) as e:
         raise XvqError(f"{path}: damaged GGUF ({e}); convert the model again") from e
     finally:
         mm.close()
+    if data_offset + data_end > size:   # llama.cpp would only say "tensor data is not within the file bounds"
+        raise XvqError(f"{path}: truncated GGUF ({data_offset + data_end - size:,} bytes of tensor data missing); "
+                       f"copy or download it again, or convert the model again")
     return GgufHeader({k: v for k, v in kv.items() if v is not None}, tensors, data_offset)
+
+
+def _nbytes_or_zero(shape: tuple[int, ...], qtype: int) -> int:
+    try:
+        return tensor_nbytes(shape, qtype)
+    except (KeyError, ValueError):   # a type this gguf-py does not know: llama.cpp will judge the file
+        return 0
 
 
 def other_shards(first: Path, count: int) -> list[Path]:

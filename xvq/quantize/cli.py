@@ -76,7 +76,7 @@ def imatrix_cmd(source, output, name, out_root, calib_file, calib_tokens, n_ctx,
     """Measure an importance matrix for SOURCE (GGUF or model folder) in llama.cpp's GGUF imatrix
     format, to reuse with `xvq quantize gguf --imatrix FILE` or llama-quantize --imatrix."""
     from xvq.quantize.gguf import DEFAULT_CALIB_TOKENS, layout_for, measure_imatrix, source_gguf
-    layout = layout_for(source, name, out_root)
+    layout = layout_for(source, name, out_root, beside=output.parent if output else None)
     src = source_gguf(source, layout)
     measure_imatrix(src, output or layout.imatrix(), calib_file=calib_file,
                     calib_tokens=calib_tokens or DEFAULT_CALIB_TOKENS, tokenizer_dir=source if source.is_dir() else None,

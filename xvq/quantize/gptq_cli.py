@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from xvq.layout import Layout
-from xvq.llamacpp import SIZE_HELP, parse_size
+from xvq.units import SIZE_HELP, parse_size
 
 def _check_size(ctx, param, value: str) -> int:
     return parse_size(value, "--max-shard-size")

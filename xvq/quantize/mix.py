@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 from xvq.errors import XvqError
 from xvq.fsio import atomic_output
-from xvq.llamacpp import Gguf, parse_size
+from xvq.llamacpp import Gguf
+from xvq.units import MEMORY_MIN, parse_size
 from xvq.stamps import Stamps
 from xvq.validate import full_kld, log_sum_exp
 
@@ -78,16 +79,13 @@ def parse_target(size: str | None, bpw: float | None, fit: str | None, ctx: int 
     if sum(given) > 1:
         raise XvqError("give one of --target-size, --target-bpw, --fit")
     if size is not None:
-        n = parse_size(size, "--target-size")
-        if n <= 0:
-            raise XvqError(f"--target-size {size}: must be positive, e.g. 17.5G")
-        return Target("size", float(n))
+        return Target("size", float(parse_size(size, "--target-size", minimum=1, example="17.5G")))
     if bpw is not None:
         if not 0 < bpw <= 32:
             raise XvqError(f"--target-bpw {bpw}: give bits per weight between 1 and 16, e.g. 4.5")
         return Target("bpw", float(bpw))
     if fit is not None:
-        return Target("fit", parse_size(fit, "--fit") / 1e9, ctx or 8192)
+        return Target("fit", parse_size(fit, "--fit", minimum=MEMORY_MIN) / 1e9, ctx or 8192)
     return None
 
 
@@ -572,7 +570,7 @@ def quantize_mix(source: Path | str, target: Target, *, imatrix: str | Path | No
     from xvq.calib_data import calibration
     from xvq.quantize.gguf import DEFAULT_CALIB_TOKENS, layout_for, read_source, resolve_imatrix, source_gguf
     source = Path(source)
-    layout = layout_for(source, name, out_root)
+    layout = layout_for(source, name, out_root, beside=outdir or (Path(outfile).parent if outfile else None))
     model_dir = source if source.is_dir() else None
     stamps = Stamps(layout.base / ".stamps")
     src = source_gguf(source, layout, stamps, progress=progress)
@@ -600,7 +598,7 @@ def build_tier(src: Path, out: Path, ram: str, *, imatrix, calib_text: str, ctx:
                n_threads: int | None = None, log=print) -> Path | None:
     """One release tier: the best mix `xvq fit` says fits `ram` at `ctx`, or None with a line
     saying why it is skipped (larger than the Q8_0 file, or nothing fits)."""
-    target = Target("fit", parse_size(ram, "--tiers") / 1e9, ctx)
+    target = Target("fit", parse_size(ram, "--tiers", minimum=MEMORY_MIN) / 1e9, ctx)
     tensors = model_tensors(src, set(imatrix.values()) if imatrix is not None else set())
     q8 = sum(c.options.get("Q8_0", min(c.options.values())) if c.quantizable else c.options[c.src_type]
              for c in tensors)

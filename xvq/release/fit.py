@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from xvq.llamacpp import SIZE_HELP
+from xvq.units import SIZE_HELP
 from xvq.llamacpp.memory import N_UBATCH, USABLE_FRACTION, fits, gguf_shapes, memory_needed
 
 CONTEXTS = (4096, 8192, 16384)
@@ -46,8 +46,9 @@ def fit_cmd(target: Path, ram: str, ctx: int, name, out_root):
     folder whose out/<name>/gguf/ holds them)."""
     from xvq.errors import XvqError
     from xvq.layout import Layout, is_first_gguf
-    from xvq.llamacpp import parse_size
-    gb = parse_size(ram, "--ram") / 1e9   # before any work: a wrong unit is the likelier mistake
+    from xvq.units import MEMORY_MIN, human_size, parse_size
+    ram_bytes = parse_size(ram, "--ram", minimum=MEMORY_MIN)   # before any work: a wrong unit is the likelier mistake
+    gb = ram_bytes / 1e9
     if target.is_file():
         candidates = [target]
     else:
@@ -61,5 +62,5 @@ def fit_cmd(target: Path, ram: str, ctx: int, name, out_root):
         click.echo(f"{p.name:48s} {need / 1e9:7.2f} GB at {ctx} ctx  {'fits' if fits(s, ctx, gb) else 'too big'}")
     best = next((p for s, p in rows if fits(s, ctx, gb)), None)
     if best is None:
-        raise XvqError(f"{target}: nothing fits {gb:g} GB at {ctx} context; try a smaller --ctx or a lower-bit type")
-    click.echo(f"recommended for {gb:g} GB: {best.name}")
+        raise XvqError(f"{target}: nothing fits {human_size(ram_bytes)} at {ctx} context; try a smaller --ctx or a lower-bit type")
+    click.echo(f"recommended for {human_size(ram_bytes)}: {best.name}")

@@ -14,11 +14,11 @@ from xvq.checkpoint import read_config
 from xvq.fsio import atomic_output, atomic_write_text, sweep_tree
 from xvq.identity import source_identity
 from xvq.layout import Layout, is_first_gguf
-from xvq.llamacpp import parse_size
 from xvq.models import family_for
 from xvq.release import card, package, publish
 from xvq.release.fit import fit_table
 from xvq.stamps import Stamps, fingerprint, sha256_file
+from xvq.units import parse_size
 
 # XVERSE's own released GGUF set, and its GPTQ Int4/Int8.
 DEFAULT_GGUF_TYPES = ("Q2_K", "Q3_K_M", "Q4_0", "Q4_K_M", "Q5_0", "Q5_K_M", "Q6_K", "Q8_0")

@@ -24,6 +24,29 @@ class ArtifactInfo:
     n_vocab: int | None = None
     tokens: list[str] | None = field(default=None, repr=False)   # GGUF token list, for the vocab check
     error: str | None = None
+    shape: "ModelShape | None" = None   # what the artifact says it is a quantization of
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What identifies the model an artifact was made from: llama.cpp's architecture (XVERSE's
+    GPTQ folders say LlamaForCausalLM, its GGUFs `llama`: the same), depth, width, vocabulary."""
+    architecture: str
+    layers: int
+    width: int
+    vocab: int | None
+
+    @classmethod
+    def of_config(cls, config: dict) -> "ModelShape":
+        from xvq.models import family_for
+        fam = family_for(config)
+        return cls(fam.gguf_arch, fam.hp.n_layer, fam.hp.n_embd, fam.hp.n_vocab)
+
+    def differences(self, reference: "ModelShape") -> list[str]:
+        return [f"{what} {mine} (the reference: {theirs})" for what, mine, theirs in
+                (("architecture", self.architecture, reference.architecture), ("layers", self.layers, reference.layers),
+                 ("width", self.width, reference.width), ("vocabulary", self.vocab, reference.vocab))
+                if mine is not None and theirs is not None and mine != theirs]
 
 
 def file_type_name(value: int) -> str | None:
@@ -56,6 +79,7 @@ def inspect_gguf(path: Path) -> ArtifactInfo:
                 if toks is not None:
                     info.tokens = toks.contents()
                     info.n_vocab = len(info.tokens)
+                info.shape = gguf_shape(r, info.n_vocab)
             for t in r.tensors:
                 n_bytes += int(t.n_bytes)
                 n_elem += int(t.n_elements)
@@ -66,6 +90,17 @@ def inspect_gguf(path: Path) -> ArtifactInfo:
     info.size_bytes = sum(s.stat().st_size for s in shards)
     info.bpw = 8.0 * n_bytes / n_elem if n_elem else None
     return info
+
+
+def gguf_shape(reader, n_vocab: int | None) -> ModelShape | None:
+    def field(key: str):
+        f = reader.fields.get(key)
+        return f.contents() if f is not None else None
+    arch = field("general.architecture")
+    layers, width = field(f"{arch}.block_count"), field(f"{arch}.embedding_length")
+    if arch is None or layers is None or width is None:
+        return None
+    return ModelShape(str(arch), int(layers), int(width), n_vocab)
 
 
 def inspect_folder(folder: Path, ref_params: int | None) -> ArtifactInfo:
@@ -87,6 +122,10 @@ def inspect_folder(folder: Path, ref_params: int | None) -> ArtifactInfo:
         info.quant_type = str(cfg.get("torch_dtype") or cfg.get("dtype") or "?").replace("bfloat16", "BF16") \
             .replace("float16", "F16").replace("float32", "F32")
     info.n_vocab = cfg.get("vocab_size")
+    try:
+        info.shape = ModelShape.of_config(cfg)
+    except (XvqError, KeyError, TypeError, ValueError):
+        info.shape = None   # a config xvq has no family for: the logits check still catches another model
     try:   # the checkpoint's own shards: a folder shipping both formats counts once
         files = weight_files(folder)
     except XvqError as e:
@@ -118,6 +157,16 @@ def reference_params(reference_dir: Path) -> int | None:
     except Exception:
         return None
     return int(sum(int(np.prod(t.shape)) for n, t in ck.tensors.items() if not n.endswith("inv_freq")))
+
+
+def reference_shape(reference_dir: Path) -> ModelShape | None:
+    """The reference's ModelShape; None for a config no xvq family describes (then the vocabulary
+    and logits checks alone tell another model apart)."""
+    from xvq.checkpoint import read_config
+    try:
+        return ModelShape.of_config(read_config(Path(reference_dir)))
+    except (XvqError, KeyError, TypeError, ValueError):
+        return None
 
 
 def vocab_difference(tokens: list[str], tok) -> float:

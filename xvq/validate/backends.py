@@ -117,7 +117,7 @@ def memory_available(device: str) -> tuple[int, str]:
     when set, else the free memory of the GPU torch computes on, else available RAM."""
     import os
     if os.environ.get(MEMORY_ENV):
-        from xvq.llamacpp import parse_size
+        from xvq.units import parse_size
         return parse_size(os.environ[MEMORY_ENV], MEMORY_ENV), f"{MEMORY_ENV}={os.environ[MEMORY_ENV]}"
     if device == "cuda":
         import torch

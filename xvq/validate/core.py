@@ -217,12 +217,17 @@ def blank_entry(info: arts.ArtifactInfo) -> dict:
 def evaluate_artifact(info: arts.ArtifactInfo, *, windows: Windows, ref: Reference | None, ref_tok,
                       reference_dir: Path, samples: list[str], overrides: dict, n_threads: int | None,
                       progress: bool, input_problem: str | None, competent: dict[str, bool] | None = None,
-                      gpu_layers="auto") -> dict:
+                      gpu_layers="auto", ref_shape: arts.ModelShape | None = None) -> dict:
     e = blank_entry(info)
     t = gate.thresholds_for(info.quant_type, overrides)
     e["thresholds"] = t.as_dict()
     if info.error:
         e["reasons"] = [info.error]
+        return e
+    not_from_reference = info.shape.differences(ref_shape) if info.shape and ref_shape else []
+    if not_from_reference:   # before scoring: a KLD against another model's logits means nothing
+        e["reasons"] = [f"{info.path}: an artifact of another model, not made from {reference_dir.name} "
+                        f"({'; '.join(not_from_reference)}); validate it against its own reference"]
         return e
     if info.n_vocab is not None and ref is not None and info.n_vocab != ref.n_vocab:
         e["reasons"] = [f"{info.path}: vocabulary of {info.n_vocab} entries, the reference has {ref.n_vocab}: "
@@ -312,13 +317,14 @@ def validate(reference_dir: Path | str, artifacts: list[Path | str], *, text=Non
     competent = {lang: bool(c and c["competent"]) for lang, c in competence.items()}
     if len(windows.spans) <= 1 or not any(competent.values()):
         competent = {}   # one text (the user chose it), or a reference competent on none: gate all
+    ref_shape = arts.reference_shape(reference_dir)
     entries = []
     for p in artifacts:
         info = arts.inspect(Path(p), ref_params)
         entries.append(evaluate_artifact(info, windows=windows, ref=ref, ref_tok=tok, reference_dir=reference_dir,
                                          samples=samples, overrides=thresholds or {}, n_threads=n_threads,
                                          progress=progress, input_problem=problem, competent=competent,
-                                         gpu_layers=gpu_layers))
+                                         gpu_layers=gpu_layers, ref_shape=ref_shape))
     data = build_report(reference_dir=reference_dir, reference_gguf=reference_gguf, ref=ref, windows=windows,
                         text_source=text_source, entries=entries, overrides=thresholds or {}, top_k=top_k,
                         max_tokens=max_tokens, input_problem=problem, model_name=model_name,

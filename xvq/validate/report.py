@@ -126,6 +126,8 @@ def markdown(data: dict) -> str:
     scored = [lang for lang in langs if ref["per_language"][lang]["n_windows"] >= 2]
     if len(langs) > 1 and data["artifacts"]:
         names = [Path(a["path"]).name for a in data["artifacts"]]
+        weak = [lang for lang in scored if (ref["per_language"][lang].get("competence") or {}).get("competent") is False]
+        none_competent = bool(weak) and len(weak) == len(scored)   # core.validate gates every language then
         out += ["", "Perplexity ratio by language (✗: fails its gate):", "",
                 "| language | reference PPL | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
         for lang in scored:
@@ -133,12 +135,14 @@ def markdown(data: dict) -> str:
             for a in data["artifacts"]:
                 m = (a.get("per_language") or {}).get(lang)
                 cells.append("n/a" if not m else f"{m['ppl_ratio']:.4f}" + ("" if m["passed"] else " ✗"))
-            c = ref["per_language"][lang].get("competence")
-            note = " (not competent)" if c and not c["competent"] and len(langs) > 1 else ""
+            note = " (not competent)" if lang in weak and not none_competent else ""
             out.append(f"| {lang}{note} | {_f(ref['per_language'][lang]['perplexity'], '.3f')} | "
                        + " | ".join(cells) + " |")
-        weak = [lang for lang in scored if (ref["per_language"][lang].get("competence") or {}).get("competent") is False]
-        if weak:
+        if none_competent:
+            out += ["", f"The reference is competent on none of the languages (its NLL is above "
+                        f"{s.get('competence_ratio')} of each text's own unigram model: undertrained or random "
+                        f"weights?), so every language is gated and in the headline means."]
+        elif weak:
             out += ["", f"Not competent (reference NLL above {s.get('competence_ratio')} of the text's own unigram "
                         f"model; reported, not gated, not in the headline means): {', '.join(weak)}."]
         unscored = [lang for lang in langs if lang not in scored]
