@@ -9,7 +9,7 @@ from pathlib import Path
 XVQ = Path(__file__).resolve().parents[1] / "xvq"
 STAGES = ("convert", "quantize", "calib_data", "validate", "release")
 FOUNDATION = ("xvq.llamacpp", "xvq.models", "xvq.checkpoint", "xvq.layout", "xvq.errors", "xvq.fsio", "xvq.quiet",
-              "xvq.identity", "xvq.stamps", "xvq.heap")
+              "xvq.identity", "xvq.stamps", "xvq.heap", "xvq.units", "xvq.interrupt")
 
 
 def imports(path: Path) -> list[tuple[str, list[str], int]]:
