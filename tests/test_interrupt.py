@@ -139,3 +139,40 @@ def test_sigterm_during_llama_quantize_exits_143_at_once(tmp_path):
     assert "Traceback" not in err and "Exception ignored" not in err
     assert not [q for q in out.rglob("*") if ".xvq-partial" in q.name or q.name.endswith("q4_k_m.gguf")]
     assert not (out / "demo" / ".stamps" / "gguf-q4_k_m.json").exists()
+
+
+def run_xvq(*args: str) -> subprocess.Popen:
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "xvq.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_sigterm_mid_imatrix_exits_143_at_once_and_the_rerun_matches_a_clean_run(tmp_path):
+    """The imatrix is measured inside llama.cpp's eval callback, where the KeyboardInterrupt was
+    swallowed: the run went on, and its imatrix and Q4_K_M differed from a clean run's."""
+    from tests.conftest import DEMO
+    if not DEMO.is_dir():
+        pytest.skip("demo model not built")
+    args = ["quantize", "imatrix", str(DEMO), "--name", "demo", "--calib-tokens", "65536"]
+    clean, interrupted = tmp_path / "clean", tmp_path / "interrupted"
+    p = run_xvq(*args, "--out-root", str(clean))
+    assert p.wait(timeout=600) == 0, p.stderr.read()
+    p = run_xvq(*args, "--out-root", str(interrupted))
+    f16 = interrupted / "demo" / "gguf" / "demo-f16.gguf"
+    end = time.monotonic() + 300
+    while not f16.is_file() and time.monotonic() < end and p.poll() is None:
+        time.sleep(0.05)
+    time.sleep(2.0)   # well inside the measurement (about 7 s on the demo)
+    assert p.poll() is None, "the imatrix finished before the signal"
+    t = time.monotonic()
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    took = time.monotonic() - t
+    assert p.returncode == 143 and took < 2.0, (p.returncode, took, err[-2000:])
+    assert "Exception ignored" not in err and "Traceback" not in err
+    left = [q.name for q in interrupted.rglob("*") if "imatrix" in q.name or ".xvq-partial" in q.name]
+    assert left == [] and not (interrupted / "demo" / ".stamps" / "imatrix.json").exists(), left
+    p = run_xvq(*args, "--out-root", str(interrupted))
+    assert p.wait(timeout=600) == 0, p.stderr.read()
+    name = "demo/imatrix/demo.imatrix.gguf"
+    assert (interrupted / name).read_bytes() == (clean / name).read_bytes()
