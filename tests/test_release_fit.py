@@ -95,7 +95,7 @@ def test_fit_command_recommends_largest_that_fits(tmp_path, demo_f16):
     assert r.exit_code == 0, r.output
     assert "recommended for 8 GB: demo-f16.gguf" in r.output
     r = CliRunner().invoke(main, ["fit", str(demo_f16), "--ram", "0.1G", "--ctx", "65536"])
-    assert r.exit_code != 0 and "nothing fits 100 MB" in r.output, r.output
+    assert r.exit_code != 0 and "nothing fits 0.1 GB" in r.output, r.output
     # no machine has 0 bytes or 1 kB: a wrong unit, refused before any work
     for ram, says in (("0G", "must be more than 0"), ("1K", "1 kB is below 100 MB, e.g. 16G; did you mean 1G?")):
         r = CliRunner().invoke(main, ["fit", str(demo_f16), "--ram", ram])

@@ -122,8 +122,10 @@ def inspect_folder(folder: Path, ref_params: int | None) -> ArtifactInfo:
         info.quant_type = str(cfg.get("torch_dtype") or cfg.get("dtype") or "?").replace("bfloat16", "BF16") \
             .replace("float16", "F16").replace("float32", "F32")
     info.n_vocab = cfg.get("vocab_size")
+    # a dense XVERSE GPTQ folder declares LlamaForCausalLM (the same weights); its quantize_config names the source
+    source = {k: v for k, v in (q.get("xvq_source_model") or {}).items() if k in ("architectures", "model_type") and v}
     try:
-        info.shape = ModelShape.of_config(cfg)
+        info.shape = ModelShape.of_config(cfg | source)
     except (XvqError, KeyError, TypeError, ValueError):
         info.shape = None   # a config xvq has no family for: the logits check still catches another model
     try:   # the checkpoint's own shards: a folder shipping both formats counts once

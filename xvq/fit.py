@@ -46,9 +46,9 @@ def fit_cmd(target: Path, ram: str, ctx: int, name, out_root):
     folder whose out/<name>/gguf/ holds them)."""
     from xvq.errors import XvqError
     from xvq.layout import Layout, is_first_gguf
-    from xvq.units import MEMORY_MIN, human_size, parse_size
-    ram_bytes = parse_size(ram, "--ram", minimum=MEMORY_MIN)   # before any work: a wrong unit is the likelier mistake
-    gb = ram_bytes / 1e9
+    from xvq.units import MEMORY_MIN, parse_size
+    # before any work: a wrong unit is the likelier mistake (--ram 1K, --ram 0G refused here)
+    gb = parse_size(ram, "--ram", minimum=MEMORY_MIN) / 1e9
     if target.is_file():
         candidates = [target]
     else:
@@ -62,5 +62,5 @@ def fit_cmd(target: Path, ram: str, ctx: int, name, out_root):
         click.echo(f"{p.name:48s} {need / 1e9:7.2f} GB at {ctx} ctx  {'fits' if fits(s, ctx, gb) else 'too big'}")
     best = next((p for s, p in rows if fits(s, ctx, gb)), None)
     if best is None:
-        raise XvqError(f"{target}: nothing fits {human_size(ram_bytes)} at {ctx} context; try a smaller --ctx or a lower-bit type")
-    click.echo(f"recommended for {human_size(ram_bytes)}: {best.name}")
+        raise XvqError(f"{target}: nothing fits {gb:g} GB at {ctx} context; try a smaller --ctx or a lower-bit type")
+    click.echo(f"recommended for {gb:g} GB: {best.name}")
