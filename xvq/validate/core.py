@@ -296,22 +296,36 @@ def evaluate_artifact(info: arts.ArtifactInfo, run: Scoring) -> dict:
 
 # ---------------------------------------------------------------- the API
 
-def validate(reference_dir: Path | str, artifacts: list[Path | str], *, text=None, heldout: bool = True,
-             ctx: int = 512, max_tokens: int | None = None, report_dir: Path | str,
-             thresholds: dict | None = None, reference_gguf: Path | str | None = None,
-             top_k: int = DEFAULT_TOP_K, n_threads: int | None = None, progress: bool = True,
-             write: bool = True, model_name: str | None = None, gpu_layers: str | int | None = "auto",
-             layout=None) -> Report:
-    """Score `artifacts` (GGUF files, GPTQ/HF folders) against the reference and gate them.
+@dataclass(frozen=True)
+class ValidateSettings:
+    """What is measured and how (the options of `xvq validate`).
 
     text: a file path, or {lang: text}; default the held-out split of xvq.calib_data.
     thresholds: overrides {max_kld, max_ppl_ratio, max_token_mismatch} for every artifact.
     reference_gguf: a bf16/f32 GGUF of the reference, scored in llama.cpp instead of transformers.
-    model_name: what the report calls the model (default: the reference folder's name).
-    gpu_layers: llama.cpp offload (auto: every layer when the build has a GPU backend).
-    layout: where the reference's f16 GGUF lives when the checkpoint does not fit in memory.
-    Writes report.json, report.md and report.png into report_dir (when write) and returns the Report.
-    """
+    gpu_layers: llama.cpp offload (auto: every layer when the build has a GPU backend)."""
+    text: object = None
+    heldout: bool = True
+    ctx: int = 512
+    max_tokens: int | None = None
+    thresholds: dict | None = None
+    reference_gguf: Path | str | None = None
+    top_k: int = DEFAULT_TOP_K
+    n_threads: int | None = None
+    gpu_layers: str | int | None = "auto"
+
+
+def validate(reference_dir: Path | str, artifacts: list[Path | str], settings: ValidateSettings | None = None, *,
+             report_dir: Path | str, progress: bool = True, write: bool = True, model_name: str | None = None,
+             layout=None, **options) -> Report:
+    """Score `artifacts` (GGUF files, GPTQ/HF folders) against the reference and gate them.
+    `settings`, or its fields as keywords (`ctx=64, text=...`); model_name: what the report calls
+    the model (default: the reference folder's name); layout: where the reference's f16 GGUF lives
+    when the checkpoint does not fit in memory. Writes report.json, report.md and report.png into
+    report_dir (when write) and returns the Report."""
+    s = settings or ValidateSettings(**options)
+    text, heldout, ctx, max_tokens, thresholds = s.text, s.heldout, s.ctx, s.max_tokens, s.thresholds
+    reference_gguf, top_k, n_threads, gpu_layers = s.reference_gguf, s.top_k, s.n_threads, s.gpu_layers
     from xvq.validate.report import build_report, write_report
     reference_dir, report_dir = Path(reference_dir), Path(report_dir)
     if not (reference_dir / "config.json").is_file():
