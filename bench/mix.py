@@ -34,7 +34,8 @@ def model_dir(key: str) -> Path:
 def run_model(key: str, stock_types: list[str], threads: int) -> dict:
     from xvq.layout import Layout
     from xvq.calib_data import calibration
-    from xvq.quantize.gguf import quantize_file, source_gguf
+    from xvq.convert import source_gguf
+    from xvq.quantize.gguf import quantize_file
     from xvq.quantize.imatrix import compute_imatrix
     from xvq.quantize.mix import Target, choose_and_write, write_report
     from xvq.validate import validate

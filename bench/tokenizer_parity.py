@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 import gguf  # noqa: E402
 
 from xvq.convert import vocab as V  # noqa: E402
-from xvq.validate import tokparity as P  # noqa: E402
+from xvq.convert import tokparity as P  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "assets"
 N_ROWS = 100_534  # XVERSE's config.json vocab_size

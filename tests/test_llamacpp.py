@@ -128,7 +128,7 @@ def test_manifest_names_the_imatrix_dataset(tmp_path):
     """manifest.json read `im.dataset` (no such attribute): the dataset was always null."""
     from xvq.layout import Layout
     from xvq.quantize import Imatrix
-    from xvq.release.pipeline import manifest_meta
+    from xvq.pipeline.release import manifest_meta
     layout = Layout("Tiny", tmp_path)
     im = Imatrix(datasets=["xvq-calib-v1-65536-seed0"], chunk_count=3, chunk_size=512)
     im.sums["blk.0.ffn_up.weight"] = np.ones((1, 8))

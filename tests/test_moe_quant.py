@@ -313,10 +313,10 @@ def test_gptq_folder_loads_with_its_own_code_without_xvq(gptq_out, tiny_moe, ref
     import copy
 
     from tests.without_xvq import logits_without_xvq
-    from xvq.quantize.gptq import REMOTE_AUTO_MAP
+    from xvq.models.xverse_moe import XverseMoe
     out, _ = gptq_out
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["auto_map"] == REMOTE_AUTO_MAP
+    assert cfg["auto_map"] == XverseMoe.gptq_auto_map
     assert {"configuration_xverse.py", "modeling_xverse_moe.py"} <= {p.name for p in out.glob("*.py")}
     batches = eval_batches(tiny_moe, corpus_texts(heldout=True), seq_len=128, n_seqs=2)
     logits, cls = logits_without_xvq(out, batches, tmp_path, remote_code=True)

@@ -177,7 +177,7 @@ def test_second_run_does_almost_nothing(built):
 
 def test_gate_leaves_failures_out_and_exits_nonzero(built):
     """A threshold nothing meets: every artifact fails, none is packaged, exit status 1."""
-    from xvq.release.pipeline import release as run_release
+    from xvq.pipeline.release import release as run_release
     root, _ = built
     res = run_release(DEMO, name="XVERSE-Demo", out_root=root, gguf_types=["Q4_K_M"], gptq_bits=[],
                       validate_options={"max_tokens": 2048, "thresholds": {"max_kld": 0.0}}, calib_tokens=4096,

@@ -6,7 +6,7 @@ import gguf
 import pytest
 
 from xvq.convert.vocab import read_vocab, write_vocab_only_gguf
-from xvq.validate.tokparity import compare_tokenization, corpus_chunks, parity_sample
+from xvq.convert.tokparity import compare_tokenization, corpus_chunks, parity_sample
 
 PIECES = ["▁", "a", "b", "("]
 MERGES = [("▁", "a"), ("▁", "(")]  # "▁(" only ever forms at the start of a text

@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import FALLBACK_TEXT, shared
 from xvq.convert.vocab import read_vocab, write_vocab_only_gguf
 from xvq.errors import XvqError
-from xvq.validate.tokparity import compare_tokenization, corpus_chunks, llama_tokenizer, parity_sample
+from xvq.convert.tokparity import compare_tokenization, corpus_chunks, llama_tokenizer, parity_sample
 
 # Texts that start on a letter (the residual of docs/tokenizer-parity.md is a text *starting* with
 # punctuation or a digit) and cover: punctuation inside words, digits, runs of spaces, newlines,

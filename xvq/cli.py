@@ -21,10 +21,10 @@ COMMANDS = {
     "quantize": "xvq.quantize.cli:quantize_group",
     "calib": "xvq.calib_data.cli:calib_group",
     "validate": "xvq.validate.cli:validate_cmd",
-    "delta": "xvq.delta:delta_group",
-    "release": "xvq.release.cli:release_cmd",
-    "fit": "xvq.release.fit:fit_cmd",
-    "run": "xvq.release.run:run_cmd",
+    "delta": "xvq.delta_cli:delta_group",
+    "release": "xvq.pipeline.cli:release_cmd",
+    "fit": "xvq.fit:fit_cmd",
+    "run": "xvq.run:run_cmd",
 }
 
 

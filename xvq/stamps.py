@@ -70,17 +70,3 @@ class Stamps:
         self.record(step, inputs, outputs)
         self.ran.append(step)
         return True
-
-
-def source_step(stamps_dir: Path, step: str, source: Path, outputs: list[Path], action) -> bool:
-    """Run `action` (making `outputs` from the checkpoint folder `source`) unless the stamp says
-    they were made from this very content. `xvq release` and `xvq quantize gguf MODEL_DIR` share
-    the "convert" stamp, so either reuses the other's f16."""
-    stamps = Stamps(stamps_dir)
-    return stamps.run(step, {"model": identity.source_identity(source, stamps.cache)}, outputs, action)
-
-
-def record_source_step(stamps_dir: Path, step: str, source: Path, outputs: list[Path]) -> None:
-    """Stamp outputs just made from `source` outside `source_step` (plain `xvq convert` into the layout)."""
-    stamps = Stamps(stamps_dir)
-    stamps.record(step, {"model": identity.source_identity(source, stamps.cache)}, outputs)

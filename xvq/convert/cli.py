@@ -17,20 +17,18 @@ import click
 def convert_cmd(model_dir, outfile, outtype, split_max_size, name, chat_template, rope_theta, out_root,
                 allow_nonfinite):
     """Convert a Hugging Face checkpoint (XVERSE, LLaMA) to GGUF, streaming."""
-    from xvq.convert import convert
+    from xvq.convert import compare_tokenization, convert, layout_f16, parity_sample
     from xvq.layout import Layout
     layout = Layout.for_model(model_dir, name, out_root)
-    plain_f16 = outfile is None and outtype.lower() == "f16" and not (split_max_size or chat_template or rope_theta)
-    if outfile is None:
-        outfile = layout.gguf(outtype)
-    written = convert(model_dir, outfile, outtype, split_max_size=split_max_size, name=name,
-                      chat_template=chat_template, rope_theta=rope_theta, allow_nonfinite=allow_nonfinite)
-    if plain_f16 and not allow_nonfinite:
-        # the layout's f16, as `xvq quantize gguf MODEL_DIR` and `xvq release` make it: stamp it so they reuse it
-        from xvq.stamps import record_source_step
-        record_source_step(layout.base / ".stamps", "convert", model_dir, written)
+    plain_f16 = outfile is None and outtype.lower() == "f16" and not (split_max_size or chat_template or rope_theta
+                                                                      or allow_nonfinite)
+    if plain_f16:   # the layout's f16, as `xvq quantize gguf MODEL_DIR` and `xvq release` make it (one stamp)
+        written = [layout_f16(model_dir, layout, force=True)]
+    else:
+        written = convert(model_dir, outfile or layout.gguf(outtype), outtype, split_max_size=split_max_size,
+                          name=name, chat_template=chat_template, rope_theta=rope_theta,
+                          allow_nonfinite=allow_nonfinite)
     for p in written:
         click.echo(f"wrote {p} ({p.stat().st_size / 1e6:.1f} MB)")
-    from xvq.validate import compare_tokenization, parity_sample
     parity = compare_tokenization(written[0], model_dir, parity_sample())
     click.echo(f"tokenizer parity with Hugging Face on the built-in multilingual sample: {parity.summary()}")

@@ -131,9 +131,8 @@ def convert(model_dir: Path | str, outfile: Path | str, outtype: str = "f16", *,
         tqdm.write(f"vocab: {note}")
     template = resolve_chat_template(fam, model_dir, name, chat_template)
     # an explicit --chat-template wins over the tokenizer's own; the family default does not
-    if template and (chat_template or gguf.Keys.Tokenizer.CHAT_TEMPLATE not in w.kv_data[0]):
-        w.kv_data[0].pop(gguf.Keys.Tokenizer.CHAT_TEMPLATE, None)
-        w.add_chat_template(template)
+    if template and (chat_template or not w.has_key(gguf.Keys.Tokenizer.CHAT_TEMPLATE)):
+        w.replace_chat_template(template)
     plans = [w.plan(t, tensor_type(t, outtype)) for t in tensors]
     # before minutes of writing, not at the end of them (plus 1 MiB for the header and vocabulary)
     require_free(outfile.parent, sum(tensor_nbytes(p.tensor.shape, p.qtype) for p in plans) + (1 << 20),

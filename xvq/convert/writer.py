@@ -1,5 +1,7 @@
 """Streaming GGUF writing on top of gguf-py: tensor infos first, then each tensor's data
-written in row blocks straight to the file, so memory holds one block, never the model."""
+written in row blocks straight to the file, so memory holds one block, never the model.
+`StreamingWriter` is the one place that reaches into gguf-py's writer internals (its kv and
+tensor-info tables, its output files and state): a gguf-py upgrade is checked here alone."""
 from __future__ import annotations
 
 import functools
@@ -85,6 +87,13 @@ class Planned:
 
 class StreamingWriter(gguf.GGUFWriter):
     """GGUFWriter whose tensors are announced with `plan` and written with `stream`."""
+
+    def has_key(self, key: str) -> bool:
+        return key in self.kv_data[0]
+
+    def replace_chat_template(self, template: str) -> None:
+        self.kv_data[0].pop(gguf.Keys.Tokenizer.CHAT_TEMPLATE, None)
+        self.add_chat_template(template)
 
     def plan(self, t: OutTensor, qtype: QT) -> Planned:
         self.add_tensor_info(t.name, t.shape, np.dtype(np.float32), tensor_nbytes(t.shape, qtype), raw_dtype=qtype)

@@ -6,6 +6,7 @@ A family module subclasses `Family`, fills in the class attributes and registers
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator
 
 import numpy as np
@@ -70,10 +71,6 @@ def reordered(rows: RowReader, order: np.ndarray | None) -> RowReader:
     return read
 
 
-def permuted(src: SourceTensor, n_head: int) -> RowReader:
-    return reordered(src.rows, rope_permute_rows(src.shape[0], n_head))
-
-
 @dataclass
 class Hparams:
     """The shapes and constants of one checkpoint, normalised from its config.json."""
@@ -123,6 +120,10 @@ class Family:
     # are); "remote-code" ships xvq's modeling file for transformers 5 and points auto_map at it.
     gptq_loads_as: ClassVar[str | None] = None
     gptq_definition_attrs: ClassVar[dict] = {}      # further class attributes of that definition
+    # "remote-code" folders: xvq's modeling files (in xvq/models -> name in the folder) and the
+    # auto_map that points transformers at them
+    gptq_remote_code: ClassVar[dict[str, str]] = {}
+    gptq_auto_map: ClassVar[dict[str, str]] = {}
     rope_permute_qk: ClassVar[bool] = True          # HF rotate-half -> llama.cpp NORM rope
 
     def __init__(self, config: dict):
@@ -188,6 +189,16 @@ class Family:
             if src.raw_rows is not None and type(self).transform is Family.transform:  # a pure reordering
                 raw = reordered(src.raw_rows, self.row_order(src))
             yield OutTensor(new, src.shape, self.transform(src), [src.name], raw_rows=raw, raw_dtype=src.dtype)
+
+    def remote_code_files(self) -> dict[Path, str]:
+        """The files a "remote-code" GPTQ folder carries: path here -> name in the folder."""
+        here = Path(__file__).resolve().parent
+        return {here / src: dst for src, dst in self.gptq_remote_code.items()}
+
+    def is_70b(self) -> bool:
+        """llama.cpp's quantizer gives LLaMA-2-70B-shaped models (80 layers, GQA) a recipe of its own."""
+        hp = self.hp
+        return self.gguf_arch == "llama" and hp.n_layer == 80 and hp.n_head != hp.n_head_kv
 
     def skip_tensor(self, name: str) -> bool:
         return name.endswith("rotary_emb.inv_freq")

@@ -45,6 +45,9 @@ class XverseMoe(Xverse):
     # (a mixed group would list the shared projections once per expert).
     gptq_base = "qwen2_moe"
     gptq_loads_as = "remote-code"   # no LLaMA-shaped stand-in: the folder carries its own modeling file
+    gptq_remote_code = {"configuration_xverse.py": "configuration_xverse.py", "xverse_moe_hf.py": "modeling_xverse_moe.py"}
+    gptq_auto_map = {"AutoConfig": "configuration_xverse.XverseConfig",
+                     "AutoModelForCausalLM": "modeling_xverse_moe.XverseMoeForCausalLM"}
     gptq_module_tree: ClassVar[list] = [
         "model", "layers", "#",
         {

@@ -45,7 +45,7 @@ def gguf_cmd(source, types, imatrix, outdir, outfile, output_tensor_type, token_
              calib_file, calib_tokens, n_ctx, target_size, target_bpw, fit_ram, threads, gpu_layers):
     """Quantize SOURCE (a GGUF, or a model folder: converted to the layout's f16 GGUF first)
     with llama.cpp's quantizer; several --type reuse one importance matrix."""
-    from xvq.quantize.gguf import DEFAULT_CALIB_TOKENS, quantize
+    from xvq.quantize.gguf import DEFAULT_CALIB_TOKENS, ImatrixSettings, QuantizeSettings, quantize
     from xvq.quantize.mix import parse_target, quantize_mix
     if outdir is not None and outfile is not None:
         raise click.UsageError("give --outdir or --outfile, not both")
@@ -54,11 +54,12 @@ def gguf_cmd(source, types, imatrix, outdir, outfile, output_tensor_type, token_
         quantize_mix(source, target, imatrix=imatrix, outdir=outdir, outfile=outfile, name=name, out_root=out_root,
                      calib_file=calib_file, calib_tokens=calib_tokens, n_threads=threads, log=click.echo)
         return
-    n_ctx = n_ctx or 512
-    quantize(source, list(types), imatrix=imatrix, outdir=outdir, outfile=outfile, name=name, out_root=out_root,
-             output_tensor_type=output_tensor_type, token_embedding_type=token_embedding_type,
-             calib_file=calib_file, calib_tokens=calib_tokens or DEFAULT_CALIB_TOKENS, n_ctx=n_ctx,
-             n_threads=threads, gpu_layers=gpu_layers, log=click.echo)
+    imatrix_settings = ImatrixSettings(spec=imatrix, calib_file=calib_file,
+                                       calib_tokens=calib_tokens or DEFAULT_CALIB_TOKENS, n_ctx=n_ctx or 512,
+                                       n_threads=threads, gpu_layers=gpu_layers)
+    quantize(source, list(types), imatrix=imatrix_settings,
+             quant=QuantizeSettings(output_tensor_type, token_embedding_type, threads),
+             outdir=outdir, outfile=outfile, name=name, out_root=out_root, log=click.echo)
 
 
 @quantize_group.command("imatrix")
@@ -75,7 +76,8 @@ def gguf_cmd(source, types, imatrix, outdir, outfile, output_tensor_type, token_
 def imatrix_cmd(source, output, name, out_root, calib_file, calib_tokens, n_ctx, threads, gpu_layers):
     """Measure an importance matrix for SOURCE (GGUF or model folder) in llama.cpp's GGUF imatrix
     format, to reuse with `xvq quantize gguf --imatrix FILE` or llama-quantize --imatrix."""
-    from xvq.quantize.gguf import DEFAULT_CALIB_TOKENS, layout_for, measure_imatrix, source_gguf
+    from xvq.convert import source_gguf
+    from xvq.quantize.gguf import DEFAULT_CALIB_TOKENS, layout_for, measure_imatrix
     layout = layout_for(source, name, out_root, beside=output.parent if output else None)
     src = source_gguf(source, layout)
     measure_imatrix(src, output or layout.imatrix(), calib_file=calib_file,

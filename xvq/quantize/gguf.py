@@ -13,9 +13,9 @@ import numpy as np
 from tqdm import tqdm
 
 from xvq.calib_data import DEFAULT_TOKENS as DEFAULT_CALIB_TOKENS
+from xvq.convert import source_gguf
 from xvq.errors import XvqError
 from xvq.fsio import atomic_output, require_free
-from xvq.identity import source_identity
 from xvq.llamacpp import QuantType, parse_ggml_type, parse_type, quantize_model, read_model_header, type_bpw
 from xvq.quantize.imatrix import Imatrix, compute_imatrix
 from xvq.stamps import Stamps, fingerprint
@@ -126,25 +126,6 @@ def quantize_with_types(src: Path, dst: Path, ftype: str, types: dict[str, str],
 # convert → imatrix → quantize: `xvq quantize gguf` and `xvq release`
 # ----------------------------------------------------------------------------------------------
 
-
-
-
-def source_gguf(source: Path, layout, stamps: Stamps | None = None, *, progress: bool = True) -> Path:
-    """A GGUF as given, or a model folder converted to the layout's f16 GGUF (reused while the
-    stamp says it was made from this checkpoint's content: `make gguf`, `xvq release` and
-    `xvq convert` into the layout share the "convert" stamp)."""
-    from xvq.convert import convert
-    if not source.is_dir():
-        return source
-    if not (source / "config.json").is_file():
-        raise XvqError(f"{source}: a folder without config.json; give a Hugging Face model folder or a GGUF")
-    f16 = layout.gguf("f16")
-    stamps = stamps or Stamps(layout.base / ".stamps")
-    stamps.run("convert", {"model": source_identity(source, stamps.cache)}, [f16],
-               lambda: convert(source, f16, "f16", name=layout.name, progress=progress))
-    return f16
-
-
 def measure_imatrix(src: Path, target: Path, *, calib_file: Path | None = None,
                     calib_tokens: int = DEFAULT_CALIB_TOKENS, tokenizer_dir: Path | None = None, n_ctx: int = 512,
                     n_threads: int = 0, gpu_layers: str | int | None = "auto", progress: bool = True,
@@ -158,28 +139,60 @@ def measure_imatrix(src: Path, target: Path, *, calib_file: Path | None = None,
     return im
 
 
-def resolve_imatrix(spec: str | Path | None, src: Path, layout, stamps: Stamps, *, needed: bool,
-                    calib_file: Path | None = None, calib_tokens: int = DEFAULT_CALIB_TOKENS,
-                    tokenizer_dir: Path | None = None, n_ctx: int = 512, n_threads: int = 0,
-                    gpu_layers: str | int | None = "auto", progress: bool = True, log=print) -> Imatrix | None:
+@dataclass(frozen=True)
+class ImatrixSettings:
+    """How the importance matrix is had: --imatrix none|auto|FILE, and for auto the calibration
+    (--calib-file or the built-in set at --calib-tokens) and llama.cpp's evaluation of it."""
+    spec: str | Path = "auto"
+    calib_file: Path | None = None
+    calib_tokens: int = DEFAULT_CALIB_TOKENS
+    n_ctx: int = 512
+    n_threads: int = 0
+    gpu_layers: str | int | None = "auto"
+
+    @property
+    def auto(self) -> bool:
+        return str(self.spec).lower() == "auto"
+
+    @property
+    def none(self) -> bool:
+        return str(self.spec).lower() == "none"
+
+    def stamp_inputs(self, src: Path) -> dict:
+        return {"gguf": fingerprint([src]), "calib_file": fingerprint([self.calib_file]) if self.calib_file else None,
+                "calib_tokens": self.calib_tokens}
+
+
+@dataclass(frozen=True)
+class QuantizeSettings:
+    """llama.cpp's quantizer options beside the type: --output-tensor-type, --token-embedding-type, --threads."""
+    output_tensor_type: str | None = None
+    token_embedding_type: str | None = None
+    n_threads: int = 0
+
+    def check(self) -> None:
+        parse_ggml_type(self.output_tensor_type, "--output-tensor-type")
+        parse_ggml_type(self.token_embedding_type, "--token-embedding-type")
+
+
+def resolve_imatrix(settings: ImatrixSettings, src: Path, layout, stamps: Stamps, *, needed: bool,
+                    tokenizer_dir: Path | None = None, progress: bool = True, log=print) -> Imatrix | None:
     """--imatrix none|auto|FILE. auto, when `needed`: the layout's imatrix, measured unless its
     stamp says it was made from this GGUF's content and this calibration."""
-    spec = "auto" if spec is None else str(spec)
-    if spec.lower() == "none" or (spec.lower() == "auto" and not needed):
+    if settings.none or (settings.auto and not needed):
         return None
     info = read_source(src)
-    if spec.lower() != "auto":
-        im = Imatrix.load(spec)
+    if not settings.auto:
+        im = Imatrix.load(settings.spec)
         im.check_model(info.tensors, src)
         return im
     target = layout.imatrix()
 
     def measure():
-        measure_imatrix(src, target, calib_file=calib_file, calib_tokens=calib_tokens, tokenizer_dir=tokenizer_dir,
-                        n_ctx=n_ctx, n_threads=n_threads, gpu_layers=gpu_layers, progress=progress, log=log)
-    inputs = {"gguf": fingerprint([src]), "calib_file": fingerprint([calib_file]) if calib_file else None,
-              "calib_tokens": calib_tokens}
-    if not stamps.run("imatrix", inputs, [target], measure):
+        s = settings
+        measure_imatrix(src, target, calib_file=s.calib_file, calib_tokens=s.calib_tokens, tokenizer_dir=tokenizer_dir,
+                        n_ctx=s.n_ctx, n_threads=s.n_threads, gpu_layers=s.gpu_layers, progress=progress, log=log)
+    if not stamps.run("imatrix", settings.stamp_inputs(src), [target], measure):
         log(f"reusing importance matrix {target}")
     im = Imatrix.load(target)
     im.check_model(info.tensors, src)
@@ -187,11 +200,9 @@ def resolve_imatrix(spec: str | Path | None, src: Path, layout, stamps: Stamps, 
 
 
 def make_ggufs(source: Path | str, qts: list[QuantType], layout, outs: list[Path], *,
-               imatrix: str | Path | None = "auto", calib_file: Path | None = None,
-               calib_tokens: int = DEFAULT_CALIB_TOKENS, n_ctx: int = 512, n_threads: int = 0,
-               output_tensor_type: str | None = None, token_embedding_type: str | None = None,
-               gpu_layers: str | int | None = "auto", stamps: Stamps | None = None, reuse_outputs: bool = False,
-               progress: bool = True, log=print) -> list[Path]:
+               imatrix: ImatrixSettings = ImatrixSettings(), quant: QuantizeSettings = QuantizeSettings(),
+               stamps: Stamps | None = None, reuse_outputs: bool = False, progress: bool = True,
+               log=print) -> list[Path]:
     """A model folder is converted to the layout's f16 GGUF; an importance matrix is measured when
     some type gets one (QuantType.gets_imatrix) or read from --imatrix FILE; then one file per type,
     all from the same source and imatrix. Each step is stamped by the content of its inputs
@@ -203,21 +214,19 @@ def make_ggufs(source: Path | str, qts: list[QuantType], layout, outs: list[Path
     info = read_source(src)
     for qt in qts:   # fail before any work, not after the first type
         check_requantize(info, qt)
-    auto = str(imatrix or "auto").lower() == "auto"
-    im = resolve_imatrix(imatrix, src, layout, stamps, needed=any(q.gets_imatrix(auto) for q in qts),
-                         calib_file=calib_file, calib_tokens=calib_tokens,
-                         tokenizer_dir=source if source.is_dir() else None, n_ctx=n_ctx, n_threads=n_threads,
-                         gpu_layers=gpu_layers, progress=progress, log=log)
+    im = resolve_imatrix(imatrix, src, layout, stamps, needed=any(q.gets_imatrix(imatrix.auto) for q in qts),
+                         tokenizer_dir=source if source.is_dir() else None, progress=progress, log=log)
     written = []
     for qt, out in tqdm(list(zip(qts, outs)), desc="quantize", unit="type", disable=not progress or len(qts) < 2):
-        use = im if im is not None and qt.gets_imatrix(auto) else None
+        use = im if im is not None and qt.gets_imatrix(imatrix.auto) else None
         inputs = {"gguf": fingerprint([src]), "imatrix": fingerprint([im.path]) if use is not None else None,
-                  "type": qt.name, "output_tensor_type": output_tensor_type,
-                  "token_embedding_type": token_embedding_type}
+                  "type": qt.name, "output_tensor_type": quant.output_tensor_type,
+                  "token_embedding_type": quant.token_embedding_type}
 
         def quantize_one(qt=qt, out=out, use=use):
-            quantize_file(src, out, qt, imatrix=use, output_tensor_type=output_tensor_type,
-                          token_embedding_type=token_embedding_type, n_threads=n_threads, progress=progress)
+            quantize_file(src, out, qt, imatrix=use, output_tensor_type=quant.output_tensor_type,
+                          token_embedding_type=quant.token_embedding_type, n_threads=quant.n_threads,
+                          progress=progress)
             log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB){' with imatrix' if use is not None else ''}")
         (stamps if reuse_outputs else Stamps(stamps.folder, force=True)).run(f"gguf-{qt.name.lower()}", inputs, [out],
                                                                           quantize_one)
@@ -242,20 +251,20 @@ def layout_for(source: Path | str, name: str | None, out_root: Path | str | None
     return Layout(name or (folder_name(info.name) if info.name else "") or stem, root)
 
 
-def quantize(source: Path | str, types: list[str], *, imatrix: str | Path | None = "auto",
-             outdir: Path | None = None, outfile: Path | None = None, name: str | None = None,
-             out_root: Path | None = None, output_tensor_type: str | None = None,
-             token_embedding_type: str | None = None, calib_file: Path | None = None,
-             calib_tokens: int = DEFAULT_CALIB_TOKENS, n_ctx: int = 512, n_threads: int = 0,
-             gpu_layers: str | int | None = "auto", progress: bool = True, log=print) -> list[Path]:
-    """`xvq quantize gguf`: every type from one source, one imatrix shared by all of them."""
+def quantize(source: Path | str, types: list[str], *, imatrix: ImatrixSettings | str | Path = "auto",
+             quant: QuantizeSettings = QuantizeSettings(), outdir: Path | None = None, outfile: Path | None = None,
+             name: str | None = None, out_root: Path | None = None, progress: bool = True,
+             log=print) -> list[Path]:
+    """`xvq quantize gguf`: every type from one source, one imatrix shared by all of them
+    (`imatrix` may be just the --imatrix spec)."""
+    if not isinstance(imatrix, ImatrixSettings):
+        imatrix = ImatrixSettings(spec=imatrix)
     names = [t for spec in types for t in str(spec).replace(",", " ").split()]   # "--type Q4_K_M,Q8_0" too
     qts = [parse_type(t) for t in names] or [parse_type("Q4_K_M")]
     if outfile is not None and len(qts) > 1:
         raise XvqError("--outfile names one file but several --type were given; use --outdir instead")
-    parse_ggml_type(output_tensor_type, "--output-tensor-type")
-    parse_ggml_type(token_embedding_type, "--token-embedding-type")
-    if str(imatrix).lower() == "none" and any(t.needs_imatrix for t in qts):
+    quant.check()
+    if imatrix.none and any(t.needs_imatrix for t in qts):
         bad = next(t.name for t in qts if t.needs_imatrix)
         raise XvqError(f"--type {bad} requires an importance matrix (llama.cpp refuses without one); "
                        f"use --imatrix auto or --imatrix FILE")
@@ -263,9 +272,7 @@ def quantize(source: Path | str, types: list[str], *, imatrix: str | Path | None
     layout = layout_for(source, name, out_root, beside=outdir or (Path(outfile).parent if outfile else None))
     outs = [Path(outfile) if outfile is not None else
             (Path(outdir) / layout.gguf(qt.name).name if outdir else layout.gguf(qt.name)) for qt in qts]
-    return make_ggufs(source, qts, layout, outs, imatrix=imatrix, calib_file=calib_file, calib_tokens=calib_tokens,
-                      n_ctx=n_ctx, n_threads=n_threads, output_tensor_type=output_tensor_type,
-                      token_embedding_type=token_embedding_type, gpu_layers=gpu_layers, progress=progress, log=log)
+    return make_ggufs(source, qts, layout, outs, imatrix=imatrix, quant=quant, progress=progress, log=log)
 
 
 def effective_tensor_types(fam, ftype: str, *, has_imatrix: bool = False,
@@ -275,6 +282,5 @@ def effective_tensor_types(fam, ftype: str, *, has_imatrix: bool = False,
     from xvq.convert import planned_tensors
     from xvq.llamacpp import tensor_types
     hp = fam.hp
-    is_70b = fam.gguf_arch == "llama" and hp.n_layer == 80 and hp.n_head != hp.n_head_kv
     return tensor_types(planned_tensors(fam, source_outtype), ftype, n_layer=hp.n_layer, n_expert=hp.n_expert,
-                        n_gqa=hp.n_head // hp.n_head_kv, has_imatrix=has_imatrix, is_70b=is_70b)
+                        n_gqa=hp.n_head // hp.n_head_kv, has_imatrix=has_imatrix, is_70b=fam.is_70b())

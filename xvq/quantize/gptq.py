@@ -221,24 +221,19 @@ def scrub_paths(value, forbidden: Iterable[str]):
     return value
 
 
-# xvq's transformers-5 implementation of XVERSE-MoE, shipped as remote code: file in xvq/models -> name in the folder
-REMOTE_CODE = {"configuration_xverse.py": "configuration_xverse.py", "xverse_moe_hf.py": "modeling_xverse_moe.py"}
-REMOTE_AUTO_MAP = {"AutoConfig": "configuration_xverse.XverseConfig",
-                   "AutoModelForCausalLM": "modeling_xverse_moe.XverseMoeForCausalLM"}
-
-
 def loads_as(family: Family, settings: GptqSettings) -> str | None:
     return None if settings.keep_architecture else family.gptq_loads_as
 
 
 def declared_config(config: dict, form: str | None) -> dict:
     """The source's config in the form the output folder declares (see the module docstring)."""
+    family = family_for(config)
     if form == "llama":
         config = {k: v for k, v in config.items() if k != "auto_map"}
         config |= {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
-        config.setdefault("rms_norm_eps", 1e-6)   # XVERSE's default; LLaMA's class would read its own
+        config.setdefault("rms_norm_eps", family.default_rms_eps)   # LLaMA's class would read its own default
     elif form == "remote-code":
-        config = config | {"auto_map": dict(REMOTE_AUTO_MAP)}
+        config = config | {"auto_map": dict(family.gptq_auto_map)}
     return config
 
 
@@ -313,9 +308,8 @@ def carry_source_files(out: Path, model_dir: Path, form: str | None = None) -> N
             if f.is_file() and not (form and f.suffix == ".py"):
                 shutil.copy2(f, out / f.name)
     if form == "remote-code":
-        here = Path(__file__).resolve().parents[1] / "models"
-        for src, dst in REMOTE_CODE.items():
-            shutil.copy2(here / src, out / dst)
+        for src, dst in family_for(read_config(model_dir)).remote_code_files().items():
+            shutil.copy2(src, out / dst)
 
 
 def assert_no_local_paths(out: Path, forbidden: list[str]) -> None:

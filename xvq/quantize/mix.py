@@ -34,7 +34,7 @@ from xvq.fsio import atomic_output
 from xvq.llamacpp import Gguf
 from xvq.units import MEMORY_MIN, parse_size
 from xvq.stamps import Stamps
-from xvq.validate import full_kld, log_sum_exp
+from xvq.logits import full_kld, log_sum_exp
 
 # Candidates, cheapest first. IQ1_* are left out: llama.cpp's own docs call them unusable alone.
 CANDIDATES = ("IQ2_XXS", "Q2_K", "IQ3_XXS", "IQ3_S", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K",
@@ -568,7 +568,8 @@ def quantize_mix(source: Path | str, target: Target, *, imatrix: str | Path | No
                  n_threads: int = 0, progress: bool = True, log=print) -> Mix:
     """`xvq quantize gguf SOURCE --target-size|--target-bpw|--fit`: one mixed GGUF."""
     from xvq.calib_data import calibration
-    from xvq.quantize.gguf import DEFAULT_CALIB_TOKENS, layout_for, read_source, resolve_imatrix, source_gguf
+    from xvq.convert import source_gguf
+    from xvq.quantize.gguf import DEFAULT_CALIB_TOKENS, ImatrixSettings, layout_for, read_source, resolve_imatrix
     source = Path(source)
     layout = layout_for(source, name, out_root, beside=outdir or (Path(outfile).parent if outfile else None))
     model_dir = source if source.is_dir() else None
@@ -583,8 +584,9 @@ def quantize_mix(source: Path | str, target: Target, *, imatrix: str | Path | No
     check_reachable(target, model_tensors(src, names), estimated_header(src), src)
     calib_tokens = calib_tokens or DEFAULT_CALIB_TOKENS
     calib = calibration(calib_file, budget_tokens=calib_tokens, tokenizer_dir=model_dir)
-    im = resolve_imatrix(imatrix, src, layout, stamps, needed=True, calib_file=calib_file, calib_tokens=calib_tokens,
-                         tokenizer_dir=model_dir, n_threads=n_threads, progress=progress, log=log)
+    im = resolve_imatrix(ImatrixSettings(spec=imatrix or "auto", calib_file=calib_file, calib_tokens=calib_tokens,
+                                         n_threads=n_threads), src, layout, stamps, needed=True,
+                         tokenizer_dir=model_dir, progress=progress, log=log)
     mix = choose_and_write(src, outfile, target, imatrix=im, calib_text=calib.text, layout=layout, outdir=outdir,
                            n_threads=n_threads or None, progress=progress, log=log)
     report = write_report(mix, layout.base / "mix" / (mix.path.stem + ".json"))

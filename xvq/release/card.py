@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from xvq.models import Family
-from xvq.release.fit import fit_markdown
+from xvq.fit import fit_markdown
 
 # LLaMA-architecture serving stacks: they read LlamaForCausalLM GPTQ folders, xvq does not run them.
 UNTESTED_LLAMA_LOADERS = "vLLM and SGLang"

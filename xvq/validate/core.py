@@ -74,7 +74,8 @@ def evaluation_texts(text, heldout: bool) -> tuple[dict[str, str], str]:
 def tokenizer_samples(texts: dict[str, str]) -> list[str]:
     """400-character chunks of every evaluation text, each starting on a non-space character
     (prompt-sized pieces, as issue 3 measures parity), plus the converter's hard strings."""
-    from xvq.validate.tokparity import chunks, parity_sample
+    from xvq.convert import parity_chunks as chunks
+    from xvq.convert import parity_sample
     samples = [c for t in texts.values() if t.strip() for c in chunks(t, max(1, len(t) // 400))]
     step = max(1, len(samples) // TOKENIZER_SAMPLES)
     return samples[::step][:TOKENIZER_SAMPLES] + parity_sample()
@@ -86,7 +87,7 @@ def token_mismatch(info: arts.ArtifactInfo, reference_dir: Path, ref_tok,
                    samples: list[str]) -> tuple[float | None, dict]:
     """Share of tokens inside differing spans: the artifact's tokenizer (llama.cpp's for a GGUF,
     the folder's own for GPTQ/HF) against the reference's HF tokenizer on the same texts."""
-    from xvq.validate.tokparity import compare_tokenization, compare_tokenizers, hf_tokenizer
+    from xvq.convert import compare_tokenization, compare_tokenizers, hf_tokenizer
     try:
         if info.kind == "gguf":
             res, method = compare_tokenization(info.path, reference_dir, samples), "llama.cpp tokenizer vs HF"
@@ -214,10 +215,27 @@ def blank_entry(info: arts.ArtifactInfo) -> dict:
             "n_tokens_scored": 0, "seconds": None, "tokens_per_second": None, "passed": False, "reasons": []}
 
 
-def evaluate_artifact(info: arts.ArtifactInfo, *, windows: Windows, ref: Reference | None, ref_tok,
-                      reference_dir: Path, samples: list[str], overrides: dict, n_threads: int | None,
-                      progress: bool, input_problem: str | None, competent: dict[str, bool] | None = None,
-                      gpu_layers="auto", ref_shape: arts.ModelShape | None = None) -> dict:
+@dataclass
+class Scoring:
+    """What every artifact of one `validate` call is scored against, and how."""
+    windows: Windows
+    ref: Reference | None
+    ref_tok: object
+    reference_dir: Path
+    samples: list[str]
+    overrides: dict
+    n_threads: int | None
+    progress: bool
+    input_problem: str | None
+    competent: dict[str, bool]
+    gpu_layers: str | int | None = "auto"
+    ref_shape: arts.ModelShape | None = None
+
+
+def evaluate_artifact(info: arts.ArtifactInfo, run: Scoring) -> dict:
+    windows, ref, ref_tok, reference_dir = run.windows, run.ref, run.ref_tok, run.reference_dir
+    samples, overrides, n_threads, progress = run.samples, run.overrides, run.n_threads, run.progress
+    input_problem, competent, gpu_layers, ref_shape = run.input_problem, run.competent, run.gpu_layers, run.ref_shape
     e = blank_entry(info)
     t = gate.thresholds_for(info.quant_type, overrides)
     e["thresholds"] = t.as_dict()
@@ -278,22 +296,36 @@ def evaluate_artifact(info: arts.ArtifactInfo, *, windows: Windows, ref: Referen
 
 # ---------------------------------------------------------------- the API
 
-def validate(reference_dir: Path | str, artifacts: list[Path | str], *, text=None, heldout: bool = True,
-             ctx: int = 512, max_tokens: int | None = None, report_dir: Path | str,
-             thresholds: dict | None = None, reference_gguf: Path | str | None = None,
-             top_k: int = DEFAULT_TOP_K, n_threads: int | None = None, progress: bool = True,
-             write: bool = True, model_name: str | None = None, gpu_layers: str | int | None = "auto",
-             layout=None) -> Report:
-    """Score `artifacts` (GGUF files, GPTQ/HF folders) against the reference and gate them.
+@dataclass(frozen=True)
+class ValidateSettings:
+    """What is measured and how (the options of `xvq validate`).
 
     text: a file path, or {lang: text}; default the held-out split of xvq.calib_data.
     thresholds: overrides {max_kld, max_ppl_ratio, max_token_mismatch} for every artifact.
     reference_gguf: a bf16/f32 GGUF of the reference, scored in llama.cpp instead of transformers.
-    model_name: what the report calls the model (default: the reference folder's name).
-    gpu_layers: llama.cpp offload (auto: every layer when the build has a GPU backend).
-    layout: where the reference's f16 GGUF lives when the checkpoint does not fit in memory.
-    Writes report.json, report.md and report.png into report_dir (when write) and returns the Report.
-    """
+    gpu_layers: llama.cpp offload (auto: every layer when the build has a GPU backend)."""
+    text: object = None
+    heldout: bool = True
+    ctx: int = 512
+    max_tokens: int | None = None
+    thresholds: dict | None = None
+    reference_gguf: Path | str | None = None
+    top_k: int = DEFAULT_TOP_K
+    n_threads: int | None = None
+    gpu_layers: str | int | None = "auto"
+
+
+def validate(reference_dir: Path | str, artifacts: list[Path | str], settings: ValidateSettings | None = None, *,
+             report_dir: Path | str, progress: bool = True, write: bool = True, model_name: str | None = None,
+             layout=None, **options) -> Report:
+    """Score `artifacts` (GGUF files, GPTQ/HF folders) against the reference and gate them.
+    `settings`, or its fields as keywords (`ctx=64, text=...`); model_name: what the report calls
+    the model (default: the reference folder's name); layout: where the reference's f16 GGUF lives
+    when the checkpoint does not fit in memory. Writes report.json, report.md and report.png into
+    report_dir (when write) and returns the Report."""
+    s = settings or ValidateSettings(**options)
+    text, heldout, ctx, max_tokens, thresholds = s.text, s.heldout, s.ctx, s.max_tokens, s.thresholds
+    reference_gguf, top_k, n_threads, gpu_layers = s.reference_gguf, s.top_k, s.n_threads, s.gpu_layers
     from xvq.validate.report import build_report, write_report
     reference_dir, report_dir = Path(reference_dir), Path(report_dir)
     if not (reference_dir / "config.json").is_file():
@@ -317,14 +349,9 @@ def validate(reference_dir: Path | str, artifacts: list[Path | str], *, text=Non
     competent = {lang: bool(c and c["competent"]) for lang, c in competence.items()}
     if len(windows.spans) <= 1 or not any(competent.values()):
         competent = {}   # one text (the user chose it), or a reference competent on none: gate all
-    ref_shape = arts.reference_shape(reference_dir)
-    entries = []
-    for p in artifacts:
-        info = arts.inspect(Path(p), ref_params)
-        entries.append(evaluate_artifact(info, windows=windows, ref=ref, ref_tok=tok, reference_dir=reference_dir,
-                                         samples=samples, overrides=thresholds or {}, n_threads=n_threads,
-                                         progress=progress, input_problem=problem, competent=competent,
-                                         gpu_layers=gpu_layers, ref_shape=ref_shape))
+    run = Scoring(windows, ref, tok, reference_dir, samples, thresholds or {}, n_threads, progress, problem, competent,
+                  gpu_layers, arts.reference_shape(reference_dir))
+    entries = [evaluate_artifact(arts.inspect(Path(p), ref_params), run) for p in artifacts]
     data = build_report(reference_dir=reference_dir, reference_gguf=reference_gguf, ref=ref, windows=windows,
                         text_source=text_source, entries=entries, overrides=thresholds or {}, top_k=top_k,
                         max_tokens=max_tokens, input_problem=problem, model_name=model_name,
@@ -361,6 +388,6 @@ def reference_gguf_of(reference_dir: Path, layout, cache_dir: Path, progress: bo
     """The layout's f16 GGUF of the reference (what the quantized files were made from), made
     now if the layout holds none from this checkpoint's content."""
     from xvq.layout import Layout
-    from xvq.quantize import source_gguf
+    from xvq.convert import source_gguf
     layout = layout or Layout("reference", cache_dir)
     return source_gguf(reference_dir, layout, progress=progress)

@@ -1,9 +1,8 @@
-"""`xvq release`: convert → imatrix → GGUF types → GPTQ → validate → package, each step skipped
-when its inputs and options are unchanged (stamps), so a rerun resumes after a failure and does
-almost nothing after a success."""
+"""`xvq release`: convert → imatrix → GGUF types (and tiers) → GPTQ → validate → package, each
+step skipped when its inputs and options are unchanged (stamps), so a rerun resumes after a
+failure and does almost nothing after a success."""
 from __future__ import annotations
 
-import functools
 import json
 import platform
 import shutil
@@ -15,8 +14,9 @@ from xvq.fsio import atomic_output, atomic_write_text, sweep_tree
 from xvq.identity import source_identity
 from xvq.layout import Layout, is_first_gguf
 from xvq.models import family_for
+from xvq.fit import fit_table
+from xvq.pipeline.tiers import build_tiers
 from xvq.release import card, package, publish
-from xvq.release.fit import fit_table
 from xvq.stamps import Stamps, fingerprint, sha256_file
 from xvq.units import parse_size
 
@@ -63,38 +63,12 @@ def build_ggufs(model_dir: Path, layout: Layout, types: list[str], stamps: Stamp
                 calib_tokens: int | None = None, gpu_layers: str | int | None = "auto",
                 tiers: tuple[str, ...] = ()) -> list[Path]:
     from xvq.llamacpp import parse_type
-    from xvq.quantize import DEFAULT_CALIB_TOKENS, make_ggufs
+    from xvq.quantize import DEFAULT_CALIB_TOKENS, ImatrixSettings, make_ggufs
     qts = [parse_type(t) for t in types]
-    outs = make_ggufs(model_dir, qts, layout, [layout.gguf(q.name) for q in qts],
-                      calib_tokens=calib_tokens or DEFAULT_CALIB_TOKENS, gpu_layers=gpu_layers,
+    imatrix = ImatrixSettings(calib_tokens=calib_tokens or DEFAULT_CALIB_TOKENS, gpu_layers=gpu_layers)
+    outs = make_ggufs(model_dir, qts, layout, [layout.gguf(q.name) for q in qts], imatrix=imatrix,
                       stamps=stamps, reuse_outputs=True, progress=False, log=log)   # a bar per step: xvq.quiet
     return outs + build_tiers(model_dir, layout, tiers, stamps, log, calib_tokens)
-
-
-def build_tiers(model_dir: Path, layout: Layout, tiers, stamps: Stamps, log, calib_tokens: int | None) -> list[Path]:
-    """One mixed GGUF per laptop tier (`--tiers 8G,16G`), at `xvq fit`'s default context."""
-    from xvq.calib_data import calibration
-    from xvq.quantize import DEFAULT_CALIB_TOKENS, Imatrix, build_tier
-    f16, imat = layout.gguf("f16"), layout.imatrix()
-    if tiers and not imat.is_file():
-        log("tiers skipped: they are chosen with the importance matrix, which no requested type measured "
-            "(add a type below Q6_K)")
-        return []
-    @functools.cache
-    def inputs():   # once for every tier that has to be made, never when all are up to date
-        calib = calibration(budget_tokens=calib_tokens or DEFAULT_CALIB_TOKENS, tokenizer_dir=model_dir)
-        return Imatrix.load(imat), calib.text
-    outs = []
-    for ram in tiers:
-        out = layout.gguf(f"xvq-{ram}")
-
-        def make(ram=ram, out=out):
-            im, text = inputs()
-            build_tier(f16, out, ram, imatrix=im, calib_text=text, log=log)
-        stamps.run(f"tier-{ram.lower()}", {"gguf": fingerprint([f16]), "imatrix": fingerprint([imat])}, [], make)
-        if out.is_file():
-            outs.append(out)
-    return outs
 
 
 def build_gptqs(model_dir: Path, layout: Layout, bits: list[int], stamps: Stamps, src_fp,

@@ -43,8 +43,8 @@ def build_cmd(model_dir, name, out_root, gguf_types, gptq_bits, split_max_size, 
               force, gpu_layers, allow_partial, verbose):
     """Build → validate → package MODEL_DIR into out/<name>/release/."""
     from xvq.errors import XvqError
-    from xvq.release.pipeline import DEFAULT_GGUF_TYPES, DEFAULT_GPTQ_BITS, release
-    from xvq.release.summary import summary_lines
+    from xvq.pipeline import DEFAULT_GGUF_TYPES, DEFAULT_GPTQ_BITS, release
+    from xvq.release import summary_lines
     from xvq.validate import load_report
     bits = [b for b in (gptq_bits or DEFAULT_GPTQ_BITS) if b]
     options = ({"max_tokens": max_tokens} if max_tokens else {}) | {"gpu_layers": gpu_layers}
@@ -69,7 +69,7 @@ def build_cmd(model_dir, name, out_root, gguf_types, gptq_bits, split_max_size, 
 def verify_cmd(package_dir, no_load):
     """Check SHA256SUMS and that every GGUF loads in llama.cpp."""
     from xvq.errors import XvqError
-    from xvq.release.package import verify
+    from xvq.release import verify
     problems = verify(package_dir, load=not no_load)
     for p in problems:
         click.echo(f"FAIL {p}")
