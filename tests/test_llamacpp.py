@@ -175,3 +175,15 @@ def test_header_data_offset_matches_gguf_py(small_gguf):
     import gguf
     from xvq.llamacpp import read_header
     assert read_header(small_gguf).data_offset == gguf.GGUFReader(small_gguf).data_offset > 0
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q2_K", "Q8_0"])
+def test_quantize_rows_in_slices_is_ggml_in_one_call(monkeypatch, qtype):
+    """Big matrices are quantized a slice of rows per C call (a signal then waits a slice, not a
+    whole 65B tensor): the bytes are ggml_quantize_chunk's over all rows at once."""
+    from xvq.llamacpp import kernels
+    rng = np.random.default_rng(0)
+    rows, imatrix = rng.standard_normal((96, 512), dtype=np.float32), rng.random(512, dtype=np.float32) + 0.1
+    whole = kernels.quantize_rows(qtype, rows, imatrix)
+    monkeypatch.setattr(kernels, "QUANTIZE_VALUES_PER_CALL", 512 * 7)   # 7 rows a call: slices that do not divide 96
+    assert np.array_equal(kernels.quantize_rows(qtype, rows, imatrix), whole)

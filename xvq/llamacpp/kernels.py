@@ -54,14 +54,24 @@ def requires_imatrix(qtype: str) -> bool:
     return bool(_ggml().ggml_quantize_requires_imatrix(type_id(qtype)))
 
 
+# values quantized per C call: a 65B model's largest matrix (235M values, seconds at low bits)
+# would otherwise hold a signal until it is done
+QUANTIZE_VALUES_PER_CALL = 1 << 22
+
+
 def quantize_rows(qtype: str, rows: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
     """rows [n, k] float32 -> the bytes ggml_quantize_chunk writes (what llama.cpp stores)."""
     rows = np.ascontiguousarray(rows, np.float32)
     n, k = rows.shape
-    out = np.empty(n * row_size(qtype, k), np.uint8)
+    per_row = row_size(qtype, k)
+    out = np.empty(n * per_row, np.uint8)
     im = None if imatrix is None else np.ascontiguousarray(imatrix, np.float32)
-    wrote = _ggml().ggml_quantize_chunk(type_id(qtype), rows.ctypes.data, out.ctypes.data, 0, n, k,
-                                        None if im is None else im.ctypes.data)
+    wrote = 0
+    step = max(1, QUANTIZE_VALUES_PER_CALL // k)   # rows are independent: the bytes are the same in slices
+    for r in range(0, n, step):
+        m = min(step, n - r)
+        wrote += _ggml().ggml_quantize_chunk(type_id(qtype), rows[r:r + m].ctypes.data, out[r * per_row:].ctypes.data,
+                                             0, m, k, None if im is None else im.ctypes.data)
     if wrote != out.size:
         raise XvqError(f"ggml wrote {wrote} bytes for {n}x{k} {qtype}, expected {out.size}; reinstall the locked "
                        f"llama-cpp-python")
