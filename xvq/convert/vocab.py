@@ -49,6 +49,8 @@ class Vocab:
     start_only: dict[int, str] = field(default_factory=dict)  # subset of renamed: HF forms them only at text start
     notes: list[str] = field(default_factory=list)
     guard: str = GUARDS[0]
+    model: str = "llama"        # tokenizer.ggml.model: llama (SentencePiece-style) or gpt2 (byte-level BPE)
+    pre: str = "default"        # tokenizer.ggml.pre
 
     def placeholder(self, body: str) -> str:
         """Text no input can form: llama.cpp's SPM merge only builds vocabulary strings from adjacent
@@ -58,7 +60,8 @@ class Vocab:
 
 
 def pad_token(vocab: Vocab, i: int) -> str:
-    return vocab.placeholder(f"pad{i}")
+    # byte-level: llama.cpp's converter's name, so the GGUFs agree key for key
+    return f"[PAD{i}]" if vocab.model == "gpt2" else vocab.placeholder(f"pad{i}")
 
 
 # --- tokenizer.json (BPE with byte fallback: XVERSE, LLaMA-HF) ---------------------------------
@@ -190,21 +193,29 @@ def load_tokenizer_json(path: Path) -> dict:
     return tj
 
 
-def json_vocab(path: Path) -> Vocab:
-    tj = load_tokenizer_json(path)
-    model = tj["model"]
-    if model.get("type") != "BPE" or not model.get("byte_fallback"):
-        raise XvqError(f"{path}: tokenizer model {model.get('type')} without byte fallback is not supported; "
-                       f"xvq converts SentencePiece-style BPE (XVERSE, LLaMA): use the model's original tokenizer")
-    vocab: dict[str, int] = model["vocab"]
-    pairs = _merge_pairs(model.get("merges") or [])
+def _id_table(tj: dict) -> tuple[list[str | None], dict[int, dict]]:
+    """Token text by id (None for ids nothing names), and the added tokens by id."""
+    vocab: dict[str, int] = tj["model"]["vocab"]
     added = {a["id"]: a for a in tj.get("added_tokens", [])}
-    n = max(list(vocab.values()) + list(added)) + 1
-    tokens: list[str | None] = [None] * n
+    tokens: list[str | None] = [None] * (max(list(vocab.values()) + list(added)) + 1)
     for piece, i in vocab.items():
         tokens[i] = piece
     for i, a in added.items():
         tokens[i] = a["content"]
+    return tokens, added
+
+
+def json_vocab(path: Path) -> Vocab:
+    tj = load_tokenizer_json(path)
+    model = tj["model"]
+    if model.get("type") == "BPE" and not model.get("byte_fallback") and _declares_byte_level(tj):
+        return byte_level_vocab(path, tj)
+    if model.get("type") != "BPE" or not model.get("byte_fallback"):
+        raise XvqError(f"{path}: tokenizer model {model.get('type')} without byte fallback or a ByteLevel "
+                       f"pre-tokenizer is not supported; xvq converts SentencePiece-style BPE (XVERSE, LLaMA) "
+                       f"and byte-level BPE (GPT-2, LLaMA-3): use the model's original tokenizer")
+    pairs = _merge_pairs(model.get("merges") or [])
+    tokens, added = _id_table(tj)
     holes = [i for i, t in enumerate(tokens) if t is None]
 
     rank: dict[str, int] = {}
@@ -245,6 +256,104 @@ def json_vocab(path: Path) -> Vocab:
         v.notes.append("the pre-tokenizer prefixes every piece with a space (Metaspace prepend_scheme always); "
                        "llama.cpp prefixes only the text, so ids differ around punctuation and digits")
     return v
+
+
+# --- tokenizer.json (byte-level BPE: GPT-2, LLaMA-3, SmolLM) -------------------------------------
+
+def _pre_steps(tj: dict) -> list[dict]:
+    pre = tj.get("pre_tokenizer")
+    if not pre:
+        return []
+    return list(pre.get("pretokenizers") or []) if pre.get("type") == "Sequence" else [pre]
+
+
+def _declares_byte_level(tj: dict) -> bool:
+    return any(isinstance(s, dict) and s.get("type") == "ByteLevel" for s in _pre_steps(tj))
+
+
+def _unsupported_pre(path: Path, what: str) -> XvqError:
+    return XvqError(f"{path}: byte-level pre-tokenizer {what} has no llama.cpp equivalent "
+                    f"(xvq.llamacpp.pretok lists those it has); llama.cpp would split text differently")
+
+
+def byte_level_splits(path: Path, tj: dict) -> tuple[str, ...]:
+    """The tokenizer's declared splitting as regexes applied in turn (pretok's form): Split
+    regexes (isolated), Digits as its digit regex, ByteLevel's own GPT-2 regex when use_regex. ByteLevel
+    must come last (later steps would see byte-mapped text) and add no prefix space (llama.cpp never
+    adds one)."""
+    from xvq.llamacpp.pretok import GPT2
+    splits: list[str] = []
+    steps = _pre_steps(tj)
+    for k, step in enumerate(steps):
+        kind = step.get("type")
+        if kind == "Split":
+            pattern = step.get("pattern") or {}
+            if "Regex" not in pattern:
+                raise _unsupported_pre(path, f"Split on the string {pattern.get('String')!r}")
+            if step.get("behavior") != "Isolated" or step.get("invert"):
+                raise _unsupported_pre(path, f"Split {pattern['Regex']!r} with behavior {step.get('behavior')}"
+                                             f"{' inverted' if step.get('invert') else ''}")
+            splits.append(pattern["Regex"])
+        elif kind == "Digits":
+            splits.append(r"\p{N}" if step.get("individual_digits") else r"\p{N}+")
+        elif kind == "ByteLevel":
+            if k != len(steps) - 1:
+                raise _unsupported_pre(path, f"ByteLevel followed by {steps[k + 1].get('type')}")
+            if step.get("add_prefix_space"):
+                raise _unsupported_pre(path, "ByteLevel with add_prefix_space")
+            if step.get("use_regex", True):
+                splits.append(GPT2)
+        else:
+            raise _unsupported_pre(path, f"step {kind}")
+    return tuple(splits)
+
+
+def choose_pre_tokenizer(path: Path, tj: dict):
+    """The llama.cpp pre-tokenizer (xvq.llamacpp.pretok) that splits as the tokenizer declares."""
+    from xvq.llamacpp.pretok import matching
+    splits = byte_level_splits(path, tj)
+    ignore_merges = bool(tj["model"].get("ignore_merges"))
+    exact, alike = matching(splits, ignore_merges)
+    if exact or alike:
+        return exact or alike, exact is None
+    raise XvqError(f"{path}: pre-tokenizer regex {' then '.join(splits)!r} matches none of llama.cpp's "
+                   f"pre-tokenizers (xvq.llamacpp.pretok); llama.cpp would split text differently, so the "
+                   f"model cannot be converted faithfully")
+
+
+def byte_level_vocab(path: Path, tj: dict) -> Vocab:
+    """Byte-level BPE as llama.cpp's converter writes it (tokenizer.ggml.model gpt2): vocabulary
+    strings as they are (byte-mapped), no scores (llama.cpp merges by the merges list), added
+    tokens CONTROL when special (or looking special, as llama.cpp's converter judges them) else
+    USER_DEFINED, ids nothing names as `[PAD<id>]`."""
+    pre, other_merges = choose_pre_tokenizer(path, tj)
+    if tj.get("normalizer"):
+        raise XvqError(f"{path}: normalizer {tj['normalizer'].get('type')} on a byte-level BPE tokenizer is not "
+                       f"applied by llama.cpp; texts it changes would tokenize differently")
+    tokens, added = _id_table(tj)
+    v = Vocab(tokens=[], scores=[], types=[], source=path, model="gpt2", pre=pre.name, add_space_prefix=False)
+    for i, t in enumerate(tokens):
+        if t is None:
+            t, kind = f"[PAD{i}]", TT.UNUSED
+        elif i in added:
+            kind = TT.CONTROL if added[i].get("special") or looks_special(t) else TT.USER_DEFINED
+        else:
+            kind = TT.NORMAL
+        v.tokens.append(t)
+        v.types.append(kind)
+    v.notes.append(f"byte-level BPE, llama.cpp pre-tokenizer {pre.name!r} (declared splitting: {pre.describe()})")
+    if other_merges:
+        v.notes.append(f"ignore_merges is {bool(tj['model'].get('ignore_merges'))} but {pre.name!r} implies "
+                       f"{pre.ignore_merges}: words that are vocabulary entries may tokenize differently")
+    _, v.add_bos, v.add_eos = _hf_behaviour(path)
+    return v
+
+
+def looks_special(token: str) -> bool:
+    """llama.cpp's converter's does_token_look_special: added tokens some models forget to mark."""
+    return (token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]") or (token.startswith("<|") and token.endswith("|>"))
+            or (token.startswith("<\uff5c") and token.endswith("\uff5c>"))
+            or (token.startswith("<unused") and token.endswith(">")))
 
 
 # --- tokenizer.model (SentencePiece: LLaMA, Ziya) ----------------------------------------------
@@ -357,11 +466,14 @@ def pad_vocab(v: Vocab, n_vocab: int, model_dir: Path) -> None:
                        f"{len(v.tokens)} entries; fix vocab_size or the tokenizer")
     for i in range(len(v.tokens), n_vocab):
         v.tokens.append(pad_token(v, i))
-        v.scores.append(0.0)
+        if v.model != "gpt2":
+            v.scores.append(0.0)
         v.types.append(TT.UNUSED)
 
 
 def write_vocab(writer: gguf.GGUFWriter, v: Vocab, model_dir: Path, n_vocab: int) -> None:
+    if v.model == "gpt2":
+        return write_byte_level_vocab(writer, v, model_dir, n_vocab)
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(v.tokens)
@@ -369,6 +481,17 @@ def write_vocab(writer: gguf.GGUFWriter, v: Vocab, model_dir: Path, n_vocab: int
     writer.add_token_types(v.types)
     writer.add_add_space_prefix(v.add_space_prefix)
     special = gguf.SpecialVocab(model_dir, load_merges=False, n_vocab=n_vocab)
+    special.add_special_token = {"bos": bool(v.add_bos), "eos": bool(v.add_eos)}
+    special.add_to_gguf(writer, quiet=True)
+
+
+def write_byte_level_vocab(writer: gguf.GGUFWriter, v: Vocab, model_dir: Path, n_vocab: int) -> None:
+    """The keys llama.cpp's converter writes for byte-level BPE (_set_vocab_gpt2); BOS/EOS as HF does them."""
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(v.pre)
+    writer.add_token_list(v.tokens)
+    writer.add_token_types(v.types)
+    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=n_vocab)
     special.add_special_token = {"bos": bool(v.add_bos), "eos": bool(v.add_eos)}
     special.add_to_gguf(writer, quiet=True)
 
@@ -381,6 +504,7 @@ def add_vocab(writer: gguf.GGUFWriter, model_dir: Path, n_vocab: int, kind: str 
     pad_vocab(v, n_vocab, model_dir)
     write_vocab(writer, v, model_dir, n_vocab)
     return {"n_tokens": n_tok, "n_rows": n_vocab, "source": v.source.name, "renamed": len(v.renamed),
+            "model": v.model, "pre": v.pre,
             "start_only": sorted(v.start_only.values()), "add_bos": v.add_bos, "notes": v.notes}
 
 
