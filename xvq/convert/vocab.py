@@ -168,6 +168,11 @@ def _damaged(path: Path, what: str) -> XvqError:
     return XvqError(f"{path}: {what}; restore the tokenizer.json that came with the model")
 
 
+def unsupported_model(path: Path, what: str) -> XvqError:
+    return XvqError(f"{path}: tokenizer model {what} is not supported; xvq converts SentencePiece-style BPE "
+                    f"(XVERSE, LLaMA) and byte-level BPE (GPT-2, LLaMA-3): use the model's original tokenizer")
+
+
 def load_tokenizer_json(path: Path) -> dict:
     """tokenizer.json parsed and checked for the parts xvq reads (a BPE model with a vocab)."""
     try:
@@ -179,6 +184,8 @@ def load_tokenizer_json(path: Path) -> dict:
     model = tj.get("model") if isinstance(tj, dict) else None
     if not isinstance(model, dict):
         raise _damaged(path, "has no tokenizer model object")
+    if model.get("type", "BPE") != "BPE":   # before the BPE-shaped checks: a Unigram vocab is a list
+        raise unsupported_model(path, model.get("type"))
     vocab = model.get("vocab")
     if not isinstance(vocab, dict) or not vocab:
         raise _damaged(path, "its model has no vocab")
@@ -210,10 +217,8 @@ def json_vocab(path: Path) -> Vocab:
     model = tj["model"]
     if model.get("type") == "BPE" and not model.get("byte_fallback") and _declares_byte_level(tj):
         return byte_level_vocab(path, tj)
-    if model.get("type") != "BPE" or not model.get("byte_fallback"):
-        raise XvqError(f"{path}: tokenizer model {model.get('type')} without byte fallback or a ByteLevel "
-                       f"pre-tokenizer is not supported; xvq converts SentencePiece-style BPE (XVERSE, LLaMA) "
-                       f"and byte-level BPE (GPT-2, LLaMA-3): use the model's original tokenizer")
+    if not model.get("byte_fallback"):
+        raise unsupported_model(path, "BPE without byte fallback or a ByteLevel pre-tokenizer")
     pairs = _merge_pairs(model.get("merges") or [])
     tokens, added = _id_table(tj)
     holes = [i for i, t in enumerate(tokens) if t is None]
@@ -291,7 +296,7 @@ def byte_level_splits(path: Path, tj: dict) -> tuple[str, ...]:
             if "Regex" not in pattern:
                 raise _unsupported_pre(path, f"Split on the string {pattern.get('String')!r}")
             if step.get("behavior") != "Isolated" or step.get("invert"):
-                raise _unsupported_pre(path, f"Split {pattern['Regex']!r} with behavior {step.get('behavior')}"
+                raise _unsupported_pre(path, f"Split `{pattern['Regex']}` with behavior {step.get('behavior')}"
                                              f"{' inverted' if step.get('invert') else ''}")
             splits.append(pattern["Regex"])
         elif kind == "Digits":
@@ -316,7 +321,7 @@ def choose_pre_tokenizer(path: Path, tj: dict):
     exact, alike = matching(splits, ignore_merges)
     if exact or alike:
         return exact or alike, exact is None
-    raise XvqError(f"{path}: pre-tokenizer regex {' then '.join(splits)!r} matches none of llama.cpp's "
+    raise XvqError(f"{path}: pre-tokenizer regex `{' then '.join(splits)}` matches none of llama.cpp's "
                    f"pre-tokenizers (xvq.llamacpp.pretok); llama.cpp would split text differently, so the "
                    f"model cannot be converted faithfully")
 
