@@ -124,5 +124,6 @@ def byte_level_llama(folder: Path, tok_dir: Path, **config) -> Path:
     n = max(list(tj["model"]["vocab"].values()) + list(special.values())) + 1
     make_checkpoint(folder, tiny_config("llama", vocab_size=n, bos_token_id=special[named["bos_token"]],
                                         eos_token_id=special[named["eos_token"]],
-                                        **({"tie_word_embeddings": True} | config)), dtype="bfloat16", qk_scale=4.0)
+                                        **({"tie_word_embeddings": True, "intermediate_size": 512} | config)),
+                    dtype="bfloat16", qk_scale=4.0)
     return folder

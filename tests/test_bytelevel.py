@@ -181,6 +181,16 @@ def test_tied_f32_logits_match_transformers(tied, tmp_path):
     assert rel_max_diff(hf_logits(tied, ids), gguf_logits(f, ids)) <= 1e-5   # the bar: 1e-3
 
 
+def test_convert_says_which_pre_tokenizer_and_the_parity(tied, byte_level_tokenizer_dir, tmp_path):
+    from click.testing import CliRunner
+    from xvq.cli import main
+    r = CliRunner().invoke(main, ["convert", str(tied), "--outfile", str(tmp_path / "m.gguf")], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    pre = {"llama3": "llama-bpe", "smollm": "smollm"}[style(byte_level_tokenizer_dir)]
+    assert f"byte-level BPE (tokenizer.ggml.model gpt2), llama.cpp pre-tokenizer '{pre}'" in r.output
+    assert re.search(r"sample: (\d+)/\1 texts identical", r.output), r.output
+
+
 def test_tied_same_tensors_and_keys_as_llama_cpp_converter(tied, tmp_path):
     kv = assert_same_as_llama_cpp_converter(tied, tmp_path)
     assert kv["tokenizer.ggml.model"] == "gpt2" and len(kv["tokenizer.ggml.merges"]) > 1000

@@ -346,7 +346,6 @@ def byte_level_vocab(path: Path, tj: dict) -> Vocab:
             kind = TT.NORMAL
         v.tokens.append(t)
         v.types.append(kind)
-    v.notes.append(f"byte-level BPE, llama.cpp pre-tokenizer {pre.name!r} (declared splitting: {pre.describe()})")
     if other_merges:
         v.notes.append(f"ignore_merges is {bool(tj['model'].get('ignore_merges'))} but {pre.name!r} implies "
                        f"{pre.ignore_merges}: words that are vocabulary entries may tokenize differently")
