@@ -149,6 +149,15 @@ def test_unknown_pre_tokenizer_is_one_line_naming_it(byte_level_tokenizer_dir, t
     assert "\n" not in msg and str(tmp_path / "tokenizer.json") in msg and names in msg
 
 
+def test_normalizers_nfc_noted_others_refused(byte_level_tokenizer_dir, tmp_path):
+    tj = json.loads((byte_level_tokenizer_dir / "tokenizer.json").read_text())
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tj | {"normalizer": {"type": "NFC"}}))
+    assert any("NFC" in n for n in read_vocab(tmp_path).notes)
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tj | {"normalizer": {"type": "Lowercase"}}))
+    with pytest.raises(XvqError, match="normalizer Lowercase"):
+        read_vocab(tmp_path)
+
+
 @pytest.mark.parametrize("model", [
     {"type": "WordPiece", "vocab": {"[UNK]": 0, "a": 1}, "unk_token": "[UNK]"},
     {"type": "Unigram", "vocab": [["<unk>", 0.0], ["a", -1.0]], "unk_id": 0},

@@ -332,11 +332,14 @@ def byte_level_vocab(path: Path, tj: dict) -> Vocab:
     tokens CONTROL when special (or looking special, as llama.cpp's converter judges them) else
     USER_DEFINED, ids nothing names as `[PAD<id>]`."""
     pre, other_merges = choose_pre_tokenizer(path, tj)
-    if tj.get("normalizer"):
-        raise XvqError(f"{path}: normalizer {tj['normalizer'].get('type')} on a byte-level BPE tokenizer is not "
-                       f"applied by llama.cpp; texts it changes would tokenize differently")
+    normalizer = (tj.get("normalizer") or {}).get("type")
+    if normalizer not in (None, "NFC"):
+        raise XvqError(f"{path}: normalizer {normalizer} on a byte-level BPE tokenizer is not applied by llama.cpp; "
+                       f"texts it changes would tokenize differently, so the model cannot be converted faithfully")
     tokens, added = _id_table(tj)
     v = Vocab(tokens=[], scores=[], types=[], source=path, model="gpt2", pre=pre.name, add_space_prefix=False)
+    if normalizer:  # Qwen2-style: most text already is NFC, and llama.cpp's converter accepts it as well
+        v.notes.append("normalizer NFC is not applied by llama.cpp: text not already in NFC may tokenize differently")
     for i, t in enumerate(tokens):
         if t is None:
             t, kind = f"[PAD{i}]", TT.UNUSED
