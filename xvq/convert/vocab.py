@@ -16,7 +16,10 @@ each piece. Three things make the two agree (measured in docs/tokenizer-parity.m
   Hugging Face tokenizer does, not from llama.cpp's defaults.
 
 The other encoding llama.cpp offers for BPE (`gpt2` with a merges list and a pre-tokenizer type)
-never adds the leading `▁` to the first word, so it cannot match; see the docs for the numbers.
+never adds the leading `▁` to the first word, so it cannot match these; see the docs for the numbers.
+It is the native encoding of byte-level BPE (GPT-2, LLaMA-3, SmolLM: `byte_level_vocab`), written
+as llama.cpp's converter writes it, with the pre-tokenizer chosen from the tokenizer's declared
+splitting (xvq.llamacpp.pretok).
 """
 from __future__ import annotations
 
