@@ -242,6 +242,6 @@ def test_unknown_rope_scaling_is_one_line(byte_level_tokenizer_dir, tmp_path):
         pytest.skip("one tokenizer is enough")
     from xvq.models import family_for
     from xvq.synth import tiny_config
-    fam = family_for(tiny_config("llama", rope_scaling={"rope_type": "longrope", "factor": 4.0}))
-    with pytest.raises(XvqError, match="longrope"):
-        list(fam.extra_tensors())
+    with pytest.raises(XvqError, match="longrope") as e:
+        family_for(tiny_config("llama", rope_scaling={"rope_type": "longrope", "factor": 4.0}), "m/config.json")
+    assert str(e.value).startswith("m/config.json: ") and "\n" not in str(e.value)

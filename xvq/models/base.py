@@ -125,8 +125,9 @@ class Family:
     gptq_definition_attrs: ClassVar[dict] = {}      # further class attributes of that definition
     rope_permute_qk: ClassVar[bool] = True          # HF rotate-half -> llama.cpp NORM rope
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, source: str = "config.json"):
         self.config = config
+        self.source = source  # the config's file, for one-line errors
         self.hp = self.hparams(config)
 
     # --- recognising a checkpoint ---
@@ -211,8 +212,8 @@ class Family:
         if "original_max_position_embeddings" in c:  # transformers 5 keeps it beside, as the converter reads it
             scaling.setdefault("original_max_position_embeddings", c["original_max_position_embeddings"])
         if scaling["type"] not in (None, *ROPE_SCALING_KINDS):
-            raise XvqError(f"config.json: rope_scaling type {kind!r} is not supported; llama.cpp's converter maps "
-                           f"{', '.join(ROPE_SCALING_KINDS)} for LLaMA")
+            raise XvqError(f"{self.source}: rope_scaling type {kind!r} is not supported; xvq converts "
+                           f"{', '.join(ROPE_SCALING_KINDS)} (what llama.cpp's converter maps for LLaMA)")
         return scaling
 
     def skip_tensor(self, name: str) -> bool:
@@ -252,7 +253,9 @@ class Family:
         return self.chat_template if "chat" in model_name.lower() else None
 
 
-ROPE_SCALING_KINDS = ("linear", "yarn", "llama3")
+# What llama.cpp's converter maps for LLaMA. "dynamic" (NTK) writes nothing there either: within the
+# trained context transformers' dynamic RoPE is plain RoPE, which is what llama.cpp then computes.
+ROPE_SCALING_KINDS = ("linear", "yarn", "llama3", "dynamic")
 
 
 def write_rope_scaling(w, scaling: dict) -> None:
@@ -321,7 +324,9 @@ def family_for(config: dict, source: str = "config.json") -> Family:
     for cls in _REGISTRY:
         if cls.accepts(config):
             try:
-                return cls(config)
+                fam = cls(config, source)
+                fam.rope_scaling()  # an unsupported kind is refused before any work
+                return fam
             except KeyError as e:
                 raise XvqError(f"{source}: {e.args[0]!r} is missing, which {cls.name} checkpoints need; "
                                f"use the config.json that came with the weights") from None
