@@ -40,3 +40,12 @@ def test_release_byte_level_tied_llama3(byte_level_tokenizer_dir, tmp_path):
     assert gptq["tie_word_embeddings"] is True and gptq["rope_scaling"]["rope_type"] == "llama3"
     v = CliRunner().invoke(main, ["release", "verify", str(pkg)], catch_exceptions=False)
     assert v.exit_code == 0, v.output
+    # a sensitivity-chosen mix (reusing the release's imatrix) and fit on the same tied model
+    m = CliRunner().invoke(main, ["quantize", "gguf", str(model), "--out-root", str(root), "--target-bpw", "5",
+                                  "--calib-tokens", "4096"], catch_exceptions=False)
+    assert m.exit_code == 0, m.output
+    mixed = next((root / "BL-Tiny" / "gguf").glob("*bpw.gguf"))
+    names = {t.name for t in gguf.GGUFReader(mixed).tensors}
+    assert "output.weight" not in names and "rope_freqs.weight" in names
+    f = CliRunner().invoke(main, ["fit", str(root / "BL-Tiny" / "gguf"), "--ram", "1G"], catch_exceptions=False)
+    assert f.exit_code == 0 and "recommended for 1 GB" in f.output, f.output
