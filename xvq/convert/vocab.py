@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -501,7 +502,15 @@ def write_byte_level_vocab(writer: gguf.GGUFWriter, v: Vocab, model_dir: Path, n
     writer.add_tokenizer_pre(v.pre)
     writer.add_token_list(v.tokens)
     writer.add_token_types(v.types)
-    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=n_vocab)
+    # gguf-py warns that it cannot read LLaMA-3's two-text (pair) template; llama.cpp never uses it,
+    # and BOS/EOS are set from what HF does with one text just below
+    log = logging.getLogger("gguf.vocab")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=n_vocab)
+    finally:
+        log.setLevel(level)
     special.add_special_token = {"bos": bool(v.add_bos), "eos": bool(v.add_eos)}
     special.add_to_gguf(writer, quiet=True)
 
