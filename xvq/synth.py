@@ -84,9 +84,10 @@ def save_byte_level_tokenizer(tok, folder: Path, style: str = "llama3") -> None:
     specials = LLAMA3_SPECIALS if style == "llama3" else SMOLLM_SPECIALS
     special = ({"bos_token": specials[0], "eos_token": specials[1]} if style == "llama3"
                else {"bos_token": specials[0], "eos_token": specials[0], "unk_token": specials[0]})
+    extra = {} if style == "llama3" else {"add_prefix_space": False}  # as SmolLM's says
     (folder / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 8192,
-         "clean_up_tokenization_spaces": False, **special}, indent=2))
+         "clean_up_tokenization_spaces": False, **extra, **special}, indent=2))
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
 
 

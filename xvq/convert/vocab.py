@@ -513,6 +513,10 @@ def write_byte_level_vocab(writer: gguf.GGUFWriter, v: Vocab, model_dir: Path, n
         log.setLevel(level)
     special.add_special_token = {"bos": bool(v.add_bos), "eos": bool(v.add_eos)}
     special.add_to_gguf(writer, quiet=True)
+    # llama.cpp's converter copies it (SmolLM's tokenizer_config says false); llama.cpp's BPE ignores it
+    prefix = _tokenizer_config(model_dir).get("add_prefix_space")
+    if isinstance(prefix, bool):
+        writer.add_add_space_prefix(prefix)
 
 
 def add_vocab(writer: gguf.GGUFWriter, model_dir: Path, n_vocab: int, kind: str = "auto") -> dict:
