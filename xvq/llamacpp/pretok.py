@@ -37,9 +37,6 @@ class PreTokenizer:
     splits: tuple[str, ...]      # regexes in Hugging Face's form, applied in turn (Split, Isolated)
     ignore_merges: bool = False  # the name makes llama.cpp take whole-piece vocabulary hits first
 
-    def describe(self) -> str:
-        return " then ".join(self.splits)
-
 
 # Order matters only where two names split alike: the first is chosen (the canonical one).
 PRE_TOKENIZERS: tuple[PreTokenizer, ...] = (
