@@ -7,20 +7,24 @@
     python bench/mix.py [--models demo,model2] [--frontier Q3_K_M,Q5_K_M] [--threads 1]
 
 Models: demo = xvq/demo/model; model2 = a second small trained model (bench/mix_model.py trains it
-into .cache/mix-model2 when missing). Writes .cache/bench-mix/results.json and frontier.png.
+into .cache/mix-model2 when missing); bytelevel = a trained byte-level BPE LLaMA with tied embeddings
+and llama3 RoPE (bench/bytelevel_model.py, .cache/bytelevel-model). Writes
+.cache/bench-mix/results.json and frontier.png (XVQ_BENCH_CACHE=DIR for another folder than .cache).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-OUT = ROOT / ".cache" / "bench-mix"
-MODELS = {"demo": ROOT / "xvq" / "demo" / "model", "model2": ROOT / ".cache" / "mix-model2"}
+CACHE = Path(os.environ.get("XVQ_BENCH_CACHE", ROOT / ".cache"))
+OUT = CACHE / "bench-mix"
+MODELS = {"demo": ROOT / "xvq" / "demo" / "model", "model2": CACHE / "mix-model2", "bytelevel": CACHE / "bytelevel-model"}
 
 
 def model_dir(key: str) -> Path:
@@ -28,6 +32,9 @@ def model_dir(key: str) -> Path:
     if key == "model2" and not (d / "config.json").is_file():
         from bench.mix_model import train
         train(d)
+    if key == "bytelevel" and not (d / "config.json").is_file():
+        from bench.bytelevel_model import train as train_bytelevel
+        train_bytelevel(d)
     return d
 
 

@@ -82,3 +82,48 @@ def tiny_llama_gqa(tmp_path_factory, xverse_tokenizer_dir) -> Path:
     make_checkpoint(d, tiny_config("llama", vocab_size=n_tok, bos_token_id=2, eos_token_id=3),
                     dtype="bfloat16", qk_scale=4.0)
     return d
+
+
+# Text a byte-level tokenizer must get right beyond the corpus: emoji (ZWJ sequences, skin tones),
+# runs of spaces/tabs/newlines, long digit runs, contractions in both cases, code.
+BYTE_LEVEL_PROBES = [
+    "🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 👍🏽 family 👨\u200d👩\u200d👧",
+    "3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 ١٢٣ ½ ① Ⅻ",
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \nend   ",
+    "I've been 'told he's there, 'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL",
+    "def f(x):\n\tif x:\n\t\treturn [x ** 2 for x in range(10)]  # comment\n    \n\nint main(void) { return 0; }",
+    "  leading spaces, trailing tab\t",
+    "------======= нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? ?我想在apple工作1314151天～",
+]
+
+
+@pytest.fixture(scope="session", params=["llama3", "smollm"])
+def byte_level_tokenizer_dir(request, tmp_path_factory) -> Path:
+    """Byte-level BPE trained here on the calibration set's train split (41 languages + code) and
+    the probes: LLaMA-3's layout (Split regex, ignore_merges, BOS) and SmolLM's (digits, GPT-2 regex)."""
+    from xvq.calib_data import records
+    from xvq.synth import byte_level_tokenizer, save_byte_level_tokenizer
+    d = tmp_path_factory.mktemp(f"bytelevel-{request.param}")
+    texts = [r["text"] for r in records("train")] + BYTE_LEVEL_PROBES * 5
+    save_byte_level_tokenizer(byte_level_tokenizer(texts, 3000, request.param), d, request.param)
+    return d
+
+
+def byte_level_llama(folder: Path, tok_dir: Path, **config) -> Path:
+    """A tiny LLaMA over a byte-level tokenizer: tied embeddings unless told otherwise, q/k scaled
+    so a wrong rope shows in the logits."""
+    import json
+    import shutil
+    from xvq.synth import make_checkpoint, tiny_config
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in tok_dir.glob("*.json"):
+        shutil.copy(f, folder / f.name)
+    tj = json.loads((folder / "tokenizer.json").read_text())
+    special = {a["content"]: a["id"] for a in tj["added_tokens"]}
+    named = json.loads((folder / "tokenizer_config.json").read_text())
+    n = max(list(tj["model"]["vocab"].values()) + list(special.values())) + 1
+    make_checkpoint(folder, tiny_config("llama", vocab_size=n, bos_token_id=special[named["bos_token"]],
+                                        eos_token_id=special[named["eos_token"]],
+                                        **({"tie_word_embeddings": True, "intermediate_size": 512} | config)),
+                    dtype="bfloat16", qk_scale=4.0)
+    return folder

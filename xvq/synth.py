@@ -39,6 +39,58 @@ def save_xverse_tokenizer(tok, folder: Path) -> None:
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
 
 
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
+SMOLLM_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def byte_level_tokenizer(texts: Iterable[str], vocab_size: int = 2000, style: str = "llama3"):
+    """Byte-level BPE (GPT-2's byte alphabet, no byte fallback, no <unk>) as real LLaMA-family
+    derivatives ship it. style "llama3": LLaMA-3's Split regex then ByteLevel without its own
+    regex, ignore_merges, BOS added by the post-processor; "smollm": digits split one by one then
+    ByteLevel with GPT-2's regex, no BOS (SmolLM's layout, specials first)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from xvq.llamacpp.pretok import LLAMA3
+    if style == "llama3":
+        tok = Tokenizer(models.BPE(ignore_merges=True))
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(LLAMA3), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False)])
+        specials = LLAMA3_SPECIALS
+    elif style == "smollm":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)])
+        specials = SMOLLM_SPECIALS
+    else:
+        raise ValueError(style)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[] if style == "llama3" else specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    if style == "llama3":  # LLaMA-3 numbers its specials after the learned vocabulary
+        tok.add_special_tokens(specials)
+        bos = specials[0]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tok
+
+
+def save_byte_level_tokenizer(tok, folder: Path, style: str = "llama3") -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    specials = LLAMA3_SPECIALS if style == "llama3" else SMOLLM_SPECIALS
+    special = ({"bos_token": specials[0], "eos_token": specials[1]} if style == "llama3"
+               else {"bos_token": specials[0], "eos_token": specials[0], "unk_token": specials[0]})
+    extra = {} if style == "llama3" else {"add_prefix_space": False}  # as SmolLM's says
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 8192,
+         "clean_up_tokenization_spaces": False, **extra, **special}, indent=2))
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+
+
 def tiny_config(family: str = "xverse", **kw) -> dict:
     base = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
                 vocab_size=1000, max_position_embeddings=512, hidden_act="silu", initializer_range=0.02,

@@ -31,4 +31,15 @@ def convert_cmd(model_dir, outfile, outtype, split_max_size, name, chat_template
     for p in written:
         click.echo(f"wrote {p} ({p.stat().st_size / 1e6:.1f} MB)")
     parity = compare_tokenization(written[0], model_dir, parity_sample())
+    click.echo(f"tokenizer: {tokenizer_summary(written[0])}")
     click.echo(f"tokenizer parity with Hugging Face on the built-in multilingual sample: {parity.summary()}")
+
+
+def tokenizer_summary(gguf_path: Path) -> str:
+    """Which llama.cpp tokenizer the file asks for: for byte-level BPE, the pre-tokenizer xvq chose."""
+    from xvq.llamacpp import read_header
+    kv = read_header(gguf_path).kv
+    if kv.get("tokenizer.ggml.model") == "gpt2":
+        return (f"byte-level BPE (tokenizer.ggml.model gpt2), llama.cpp pre-tokenizer "
+                f"'{kv.get('tokenizer.ggml.pre')}', chosen from the tokenizer's declared regex")
+    return "SentencePiece-style BPE (tokenizer.ggml.model llama)"

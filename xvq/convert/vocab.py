@@ -16,12 +16,16 @@ each piece. Three things make the two agree (measured in docs/tokenizer-parity.m
   Hugging Face tokenizer does, not from llama.cpp's defaults.
 
 The other encoding llama.cpp offers for BPE (`gpt2` with a merges list and a pre-tokenizer type)
-never adds the leading `▁` to the first word, so it cannot match; see the docs for the numbers.
+never adds the leading `▁` to the first word, so it cannot match these; see the docs for the numbers.
+It is the native encoding of byte-level BPE (GPT-2, LLaMA-3, SmolLM: `byte_level_vocab`), written
+as llama.cpp's converter writes it, with the pre-tokenizer chosen from the tokenizer's declared
+splitting (xvq.llamacpp.pretok).
 """
 from __future__ import annotations
 
 import functools
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +53,8 @@ class Vocab:
     start_only: dict[int, str] = field(default_factory=dict)  # subset of renamed: HF forms them only at text start
     notes: list[str] = field(default_factory=list)
     guard: str = GUARDS[0]
+    model: str = "llama"        # tokenizer.ggml.model: llama (SentencePiece-style) or gpt2 (byte-level BPE)
+    pre: str = "default"        # tokenizer.ggml.pre
 
     def placeholder(self, body: str) -> str:
         """Text no input can form: llama.cpp's SPM merge only builds vocabulary strings from adjacent
@@ -58,7 +64,8 @@ class Vocab:
 
 
 def pad_token(vocab: Vocab, i: int) -> str:
-    return vocab.placeholder(f"pad{i}")
+    # byte-level: llama.cpp's converter's name, so the GGUFs agree key for key
+    return f"[PAD{i}]" if vocab.model == "gpt2" else vocab.placeholder(f"pad{i}")
 
 
 # --- tokenizer.json (BPE with byte fallback: XVERSE, LLaMA-HF) ---------------------------------
@@ -165,6 +172,11 @@ def _damaged(path: Path, what: str) -> XvqError:
     return XvqError(f"{path}: {what}; restore the tokenizer.json that came with the model")
 
 
+def unsupported_model(path: Path, what: str) -> XvqError:
+    return XvqError(f"{path}: tokenizer model {what} is not supported; xvq converts SentencePiece-style BPE "
+                    f"(XVERSE, LLaMA) and byte-level BPE (GPT-2, LLaMA-3): use the model's original tokenizer")
+
+
 def load_tokenizer_json(path: Path) -> dict:
     """tokenizer.json parsed and checked for the parts xvq reads (a BPE model with a vocab)."""
     try:
@@ -176,6 +188,8 @@ def load_tokenizer_json(path: Path) -> dict:
     model = tj.get("model") if isinstance(tj, dict) else None
     if not isinstance(model, dict):
         raise _damaged(path, "has no tokenizer model object")
+    if model.get("type", "BPE") != "BPE":   # before the BPE-shaped checks: a Unigram vocab is a list
+        raise unsupported_model(path, model.get("type"))
     vocab = model.get("vocab")
     if not isinstance(vocab, dict) or not vocab:
         raise _damaged(path, "its model has no vocab")
@@ -190,21 +204,27 @@ def load_tokenizer_json(path: Path) -> dict:
     return tj
 
 
-def json_vocab(path: Path) -> Vocab:
-    tj = load_tokenizer_json(path)
-    model = tj["model"]
-    if model.get("type") != "BPE" or not model.get("byte_fallback"):
-        raise XvqError(f"{path}: tokenizer model {model.get('type')} without byte fallback is not supported; "
-                       f"xvq converts SentencePiece-style BPE (XVERSE, LLaMA): use the model's original tokenizer")
-    vocab: dict[str, int] = model["vocab"]
-    pairs = _merge_pairs(model.get("merges") or [])
+def _id_table(tj: dict) -> tuple[list[str | None], dict[int, dict]]:
+    """Token text by id (None for ids nothing names), and the added tokens by id."""
+    vocab: dict[str, int] = tj["model"]["vocab"]
     added = {a["id"]: a for a in tj.get("added_tokens", [])}
-    n = max(list(vocab.values()) + list(added)) + 1
-    tokens: list[str | None] = [None] * n
+    tokens: list[str | None] = [None] * (max(list(vocab.values()) + list(added)) + 1)
     for piece, i in vocab.items():
         tokens[i] = piece
     for i, a in added.items():
         tokens[i] = a["content"]
+    return tokens, added
+
+
+def json_vocab(path: Path) -> Vocab:
+    tj = load_tokenizer_json(path)
+    model = tj["model"]
+    if model.get("type") == "BPE" and not model.get("byte_fallback") and _declares_byte_level(tj):
+        return byte_level_vocab(path, tj)
+    if not model.get("byte_fallback"):
+        raise unsupported_model(path, "BPE without byte fallback or a ByteLevel pre-tokenizer")
+    pairs = _merge_pairs(model.get("merges") or [])
+    tokens, added = _id_table(tj)
     holes = [i for i, t in enumerate(tokens) if t is None]
 
     rank: dict[str, int] = {}
@@ -245,6 +265,106 @@ def json_vocab(path: Path) -> Vocab:
         v.notes.append("the pre-tokenizer prefixes every piece with a space (Metaspace prepend_scheme always); "
                        "llama.cpp prefixes only the text, so ids differ around punctuation and digits")
     return v
+
+
+# --- tokenizer.json (byte-level BPE: GPT-2, LLaMA-3, SmolLM) -------------------------------------
+
+def _pre_steps(tj: dict) -> list[dict]:
+    pre = tj.get("pre_tokenizer")
+    if not pre:
+        return []
+    return list(pre.get("pretokenizers") or []) if pre.get("type") == "Sequence" else [pre]
+
+
+def _declares_byte_level(tj: dict) -> bool:
+    return any(isinstance(s, dict) and s.get("type") == "ByteLevel" for s in _pre_steps(tj))
+
+
+def _unsupported_pre(path: Path, what: str) -> XvqError:
+    return XvqError(f"{path}: byte-level pre-tokenizer {what} has no llama.cpp equivalent "
+                    f"(xvq.llamacpp.pretok lists those it has); llama.cpp would split text differently")
+
+
+def byte_level_splits(path: Path, tj: dict) -> tuple[str, ...]:
+    """The tokenizer's declared splitting as regexes applied in turn (pretok's form): Split
+    regexes (isolated), Digits as its digit regex, ByteLevel's own GPT-2 regex when use_regex. ByteLevel
+    must come last (later steps would see byte-mapped text) and add no prefix space (llama.cpp never
+    adds one)."""
+    from xvq.llamacpp.pretok import GPT2
+    splits: list[str] = []
+    steps = _pre_steps(tj)
+    for k, step in enumerate(steps):
+        kind = step.get("type")
+        if kind == "Split":
+            pattern = step.get("pattern") or {}
+            if "Regex" not in pattern:
+                raise _unsupported_pre(path, f"Split on the string {pattern.get('String')!r}")
+            if step.get("behavior") != "Isolated" or step.get("invert"):
+                raise _unsupported_pre(path, f"Split `{pattern['Regex']}` with behavior {step.get('behavior')}"
+                                             f"{' inverted' if step.get('invert') else ''}")
+            splits.append(pattern["Regex"])
+        elif kind == "Digits":
+            splits.append(r"\p{N}" if step.get("individual_digits") else r"\p{N}+")
+        elif kind == "ByteLevel":
+            if k != len(steps) - 1:
+                raise _unsupported_pre(path, f"ByteLevel followed by {steps[k + 1].get('type')}")
+            if step.get("add_prefix_space"):
+                raise _unsupported_pre(path, "ByteLevel with add_prefix_space")
+            if step.get("use_regex", True):
+                splits.append(GPT2)
+        else:
+            raise _unsupported_pre(path, f"step {kind}")
+    return tuple(splits)
+
+
+def choose_pre_tokenizer(path: Path, tj: dict):
+    """The llama.cpp pre-tokenizer (xvq.llamacpp.pretok) that splits as the tokenizer declares."""
+    from xvq.llamacpp.pretok import matching
+    splits = byte_level_splits(path, tj)
+    ignore_merges = bool(tj["model"].get("ignore_merges"))
+    exact, alike = matching(splits, ignore_merges)
+    if exact or alike:
+        return exact or alike, exact is None
+    raise XvqError(f"{path}: pre-tokenizer regex `{' then '.join(splits)}` matches none of llama.cpp's "
+                   f"pre-tokenizers (xvq.llamacpp.pretok); llama.cpp would split text differently, so the "
+                   f"model cannot be converted faithfully")
+
+
+def byte_level_vocab(path: Path, tj: dict) -> Vocab:
+    """Byte-level BPE as llama.cpp's converter writes it (tokenizer.ggml.model gpt2): vocabulary
+    strings as they are (byte-mapped), no scores (llama.cpp merges by the merges list), added
+    tokens CONTROL when special (or looking special, as llama.cpp's converter judges them) else
+    USER_DEFINED, ids nothing names as `[PAD<id>]`."""
+    pre, other_merges = choose_pre_tokenizer(path, tj)
+    normalizer = (tj.get("normalizer") or {}).get("type")
+    if normalizer not in (None, "NFC"):
+        raise XvqError(f"{path}: normalizer {normalizer} on a byte-level BPE tokenizer is not applied by llama.cpp; "
+                       f"texts it changes would tokenize differently, so the model cannot be converted faithfully")
+    tokens, added = _id_table(tj)
+    v = Vocab(tokens=[], scores=[], types=[], source=path, model="gpt2", pre=pre.name, add_space_prefix=False)
+    if normalizer:  # Qwen2-style: most text already is NFC, and llama.cpp's converter accepts it as well
+        v.notes.append("normalizer NFC is not applied by llama.cpp: text not already in NFC may tokenize differently")
+    for i, t in enumerate(tokens):
+        if t is None:
+            t, kind = f"[PAD{i}]", TT.UNUSED
+        elif i in added:
+            kind = TT.CONTROL if added[i].get("special") or looks_special(t) else TT.USER_DEFINED
+        else:
+            kind = TT.NORMAL
+        v.tokens.append(t)
+        v.types.append(kind)
+    if other_merges:
+        v.notes.append(f"ignore_merges is {bool(tj['model'].get('ignore_merges'))} but {pre.name!r} implies "
+                       f"{pre.ignore_merges}: words that are vocabulary entries may tokenize differently")
+    _, v.add_bos, v.add_eos = _hf_behaviour(path)
+    return v
+
+
+def looks_special(token: str) -> bool:
+    """llama.cpp's converter's does_token_look_special: added tokens some models forget to mark."""
+    return (token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]") or (token.startswith("<|") and token.endswith("|>"))
+            or (token.startswith("<\uff5c") and token.endswith("\uff5c>"))
+            or (token.startswith("<unused") and token.endswith(">")))
 
 
 # --- tokenizer.model (SentencePiece: LLaMA, Ziya) ----------------------------------------------
@@ -357,11 +477,14 @@ def pad_vocab(v: Vocab, n_vocab: int, model_dir: Path) -> None:
                        f"{len(v.tokens)} entries; fix vocab_size or the tokenizer")
     for i in range(len(v.tokens), n_vocab):
         v.tokens.append(pad_token(v, i))
-        v.scores.append(0.0)
+        if v.model != "gpt2":
+            v.scores.append(0.0)
         v.types.append(TT.UNUSED)
 
 
 def write_vocab(writer: gguf.GGUFWriter, v: Vocab, model_dir: Path, n_vocab: int) -> None:
+    if v.model == "gpt2":
+        return write_byte_level_vocab(writer, v, model_dir, n_vocab)
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(v.tokens)
@@ -373,6 +496,29 @@ def write_vocab(writer: gguf.GGUFWriter, v: Vocab, model_dir: Path, n_vocab: int
     special.add_to_gguf(writer, quiet=True)
 
 
+def write_byte_level_vocab(writer: gguf.GGUFWriter, v: Vocab, model_dir: Path, n_vocab: int) -> None:
+    """The keys llama.cpp's converter writes for byte-level BPE (_set_vocab_gpt2); BOS/EOS as HF does them."""
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(v.pre)
+    writer.add_token_list(v.tokens)
+    writer.add_token_types(v.types)
+    # gguf-py warns that it cannot read LLaMA-3's two-text (pair) template; llama.cpp never uses it,
+    # and BOS/EOS are set from what HF does with one text just below
+    log = logging.getLogger("gguf.vocab")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=n_vocab)
+    finally:
+        log.setLevel(level)
+    special.add_special_token = {"bos": bool(v.add_bos), "eos": bool(v.add_eos)}
+    special.add_to_gguf(writer, quiet=True)
+    # llama.cpp's converter copies it (SmolLM's tokenizer_config says false); llama.cpp's BPE ignores it
+    prefix = _tokenizer_config(model_dir).get("add_prefix_space")
+    if isinstance(prefix, bool):
+        writer.add_add_space_prefix(prefix)
+
+
 def add_vocab(writer: gguf.GGUFWriter, model_dir: Path, n_vocab: int, kind: str = "auto") -> dict:
     """Write tokenizer.ggml.*; returns a summary (n_tokens, renamed, notes) for the caller."""
     model_dir = Path(model_dir)
@@ -381,6 +527,7 @@ def add_vocab(writer: gguf.GGUFWriter, model_dir: Path, n_vocab: int, kind: str 
     pad_vocab(v, n_vocab, model_dir)
     write_vocab(writer, v, model_dir, n_vocab)
     return {"n_tokens": n_tok, "n_rows": n_vocab, "source": v.source.name, "renamed": len(v.renamed),
+            "model": v.model, "pre": v.pre,
             "start_only": sorted(v.start_only.values()), "add_bos": v.add_bos, "notes": v.notes}
 
 

@@ -126,8 +126,9 @@ class Family:
     gptq_auto_map: ClassVar[dict[str, str]] = {}
     rope_permute_qk: ClassVar[bool] = True          # HF rotate-half -> llama.cpp NORM rope
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, source: str = "config.json"):
         self.config = config
+        self.source = source  # the config's file, for one-line errors
         self.hp = self.hparams(config)
 
     # --- recognising a checkpoint ---
@@ -189,6 +190,32 @@ class Family:
             if src.raw_rows is not None and type(self).transform is Family.transform:  # a pure reordering
                 raw = reordered(src.raw_rows, self.row_order(src))
             yield OutTensor(new, src.shape, self.transform(src), [src.name], raw_rows=raw, raw_dtype=src.dtype)
+        yield from self.extra_tensors()
+
+    def extra_tensors(self) -> Iterator[OutTensor]:
+        """GGUF tensors made from the config, not read from the checkpoint: LLaMA-3.1's RoPE
+        frequency factors (rope_freqs.weight), as llama.cpp's converter computes them."""
+        scaling = self.rope_scaling()
+        if scaling.get("type") == "llama3":
+            factors = llama3_rope_factors(self.hp.rope_theta, self.rope_dim(), scaling)
+            yield OutTensor("rope_freqs.weight", factors.shape, lambda sel: factors.reshape(1, -1)[sel])
+
+    def rope_dim(self) -> int:
+        return int(self.config.get("head_dim") or self.hp.head_dim)
+
+    def rope_scaling(self) -> dict:
+        """rope_scaling (transformers 4) or rope_parameters (transformers 5), its kind under "type"
+        (None when there is none or it is "default")."""
+        c = self.config
+        scaling = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+        kind = scaling.get("rope_type", scaling.get("type"))
+        scaling["type"] = None if kind in (None, "default") else str(kind).lower()
+        if "original_max_position_embeddings" in c:  # transformers 5 keeps it beside, as the converter reads it
+            scaling.setdefault("original_max_position_embeddings", c["original_max_position_embeddings"])
+        if scaling["type"] not in (None, *ROPE_SCALING_KINDS):
+            raise XvqError(f"{self.source}: rope_scaling type {kind!r} is not supported; xvq converts "
+                           f"{', '.join(ROPE_SCALING_KINDS)} (what llama.cpp's converter maps for LLaMA)")
+        return scaling
 
     def remote_code_files(self) -> dict[Path, str]:
         """The files a "remote-code" GPTQ folder carries: path here -> name in the folder."""
@@ -229,16 +256,61 @@ class Family:
         w.add_rope_freq_base(hp.rope_theta)
         w.add_layer_norm_rms_eps(hp.rms_eps)
         w.add_vocab_size(hp.n_vocab)
-        scaling = self.config.get("rope_scaling") or {}
-        if scaling.get("type", scaling.get("rope_type")) == "linear":
-            import gguf
-            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            w.add_rope_scaling_factor(float(scaling["factor"]))
+        write_rope_scaling(w, self.rope_scaling())
 
     # --- metadata ---
     def default_chat_template(self, model_name: str) -> str | None:
         """Chat checkpoints without a template of their own get the family's."""
         return self.chat_template if "chat" in model_name.lower() else None
+
+
+# What llama.cpp's converter maps for LLaMA. "dynamic" (NTK) writes nothing there either: within the
+# trained context transformers' dynamic RoPE is plain RoPE, which is what llama.cpp then computes.
+ROPE_SCALING_KINDS = ("linear", "yarn", "llama3", "dynamic")
+
+
+def write_rope_scaling(w, scaling: dict) -> None:
+    """The keys llama.cpp's converter writes for rope_scaling (TextModel.set_gguf_parameters);
+    llama3 is a tensor instead (extra_tensors)."""
+    import gguf
+    kind, factor = scaling.get("type"), scaling.get("factor")
+    if kind not in ("linear", "yarn") or factor is None:
+        return
+    w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR if kind == "linear" else gguf.RopeScalingType.YARN)
+    w.add_rope_scaling_factor(factor)
+    if kind == "yarn":
+        w.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
+        attn = scaling.get("attention_factor", scaling.get("attn_factor"))
+        for value, add in ((scaling.get("extrapolation_factor"), w.add_rope_scaling_yarn_ext_factor),
+                           (attn, w.add_rope_scaling_yarn_attn_factor),
+                           (scaling.get("beta_fast"), w.add_rope_scaling_yarn_beta_fast),
+                           (scaling.get("beta_slow"), w.add_rope_scaling_yarn_beta_slow)):
+            if value is not None:
+                add(value)
+
+
+def llama3_rope_factors(base: float, dim: int, scaling: dict) -> np.ndarray:
+    """LLaMA-3.1's per-frequency RoPE divisors, computed as llama.cpp's converter does (torch
+    float32, the same expressions) so the tensor is bit-identical to its rope_freqs.weight."""
+    import math
+
+    import torch
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor = scaling.get("factor", 8.0)
+    low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+    old_ctx = scaling.get("original_max_position_embeddings", 8192)
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            out.append(1)
+        elif wavelen > low_wavelen:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(out, dtype=torch.float32).numpy()
 
 
 def rope_theta_of(c: dict) -> float | None:
@@ -263,7 +335,9 @@ def family_for(config: dict, source: str = "config.json") -> Family:
     for cls in _REGISTRY:
         if cls.accepts(config):
             try:
-                return cls(config)
+                fam = cls(config, source)
+                fam.rope_scaling()  # an unsupported kind is refused before any work
+                return fam
             except KeyError as e:
                 raise XvqError(f"{source}: {e.args[0]!r} is missing, which {cls.name} checkpoints need; "
                                f"use the config.json that came with the weights") from None
