@@ -9,6 +9,7 @@ from pathlib import Path
 XVQ = Path(__file__).resolve().parents[1] / "xvq"
 STAGES = ("convert", "quantize", "calib_data", "validate", "release")
 FOUNDATION = ("xvq.llamacpp", "xvq.models", "xvq.checkpoint", "xvq.layout", "xvq.errors", "xvq.fsio", "xvq.quiet",
+              "xvq.logits",
               "xvq.identity", "xvq.stamps", "xvq.heap")
 
 

@@ -82,6 +82,11 @@ class Layout:
     def release_dir(self) -> Path:
         return self.base / "release"
 
+    @property
+    def mix_dir(self) -> Path:
+        """Mix reports (docs/mix.md): the chosen type, bytes and sensitivity of every tensor."""
+        return self.base / "mix"
+
     def gguf(self, qtype: str) -> Path:
         return self.gguf_dir / f"{slug(self.name)}-{quant_tag(qtype)}.gguf"
 
@@ -101,3 +106,19 @@ class Layout:
         if not self.gptq_root.is_dir():
             return []
         return sorted(p for p in self.gptq_root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+@dataclass(frozen=True)
+class OutdirLayout(Layout):
+    """The layout of a command given --outdir: what the command makes (its files, the imatrix,
+    mix reports) goes in `outdir`, not under ./out; the f16 conversion and the step stamps stay in
+    the layout, where every other command finds and reuses them."""
+    outdir: Path = Path(".")
+
+    @property
+    def imatrix_dir(self) -> Path:
+        return self.outdir
+
+    @property
+    def mix_dir(self) -> Path:
+        return self.outdir

@@ -225,17 +225,20 @@ def make_ggufs(source: Path | str, qts: list[QuantType], layout, outs: list[Path
     return written
 
 
-def layout_for(source: Path | str, name: str | None, out_root: Path | str | None):
+def layout_for(source: Path | str, name: str | None, out_root: Path | str | None, outdir: Path | str | None = None):
     """The layout of a model folder (its name) or of a GGUF (--name, else general.name, else the
-    file stem without its f16/f32/bf16/q8_0 suffix)."""
-    from xvq.layout import DEFAULT_ROOT, Layout
+    file stem without its f16/f32/bf16/q8_0 suffix); with `outdir` (--outdir) the imatrix and
+    mix reports go there too (xvq.layout.OutdirLayout)."""
+    from xvq.layout import DEFAULT_ROOT, Layout, OutdirLayout
     source = Path(source)
     if source.is_dir():
-        return Layout.for_model(source, name, out_root)
-    info = read_source(source)
-    stem = re.sub(r"(-\d{5}-of-\d{5})?$", "", source.stem)
-    stem = re.sub(r"-(f32|f16|bf16|q8_0)$", "", stem, flags=re.I)
-    return Layout(name or info.name or stem, Path(out_root) if out_root else DEFAULT_ROOT)
+        lay = Layout.for_model(source, name, out_root)
+    else:
+        info = read_source(source)
+        stem = re.sub(r"(-\d{5}-of-\d{5})?$", "", source.stem)
+        stem = re.sub(r"-(f32|f16|bf16|q8_0)$", "", stem, flags=re.I)
+        lay = Layout(name or info.name or stem, Path(out_root) if out_root else DEFAULT_ROOT)
+    return OutdirLayout(lay.name, lay.root, Path(outdir)) if outdir is not None else lay
 
 
 def quantize(source: Path | str, types: list[str], *, imatrix: str | Path | None = "auto",
@@ -256,7 +259,7 @@ def quantize(source: Path | str, types: list[str], *, imatrix: str | Path | None
         raise XvqError(f"--type {bad} requires an importance matrix (llama.cpp refuses without one); "
                        f"use --imatrix auto or --imatrix FILE")
     source = Path(source)
-    layout = layout_for(source, name, out_root)
+    layout = layout_for(source, name, out_root, outdir)
     outs = [Path(outfile) if outfile is not None else
             (Path(outdir) / layout.gguf(qt.name).name if outdir else layout.gguf(qt.name)) for qt in qts]
     return make_ggufs(source, qts, layout, outs, imatrix=imatrix, calib_file=calib_file, calib_tokens=calib_tokens,

@@ -17,16 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from xvq.logits import full_kld, log_sum_exp  # noqa: F401  (validate's names, kept)
+
 DEFAULT_TOP_K = 128
 FULL_SAMPLE_FLOATS = 1 << 22        # full reference rows kept for the top-k-vs-full check (16 MiB)
-
-
-def log_sum_exp(logits: np.ndarray, row_max: np.ndarray | None = None) -> np.ndarray:
-    """Row-wise log(sum(exp(x))): one temporary, exp in place, float64 sums (like llama.cpp's)."""
-    m = logits.max(axis=1) if row_max is None else row_max
-    e = np.subtract(logits, m[:, None])
-    np.exp(e, out=e)
-    return m.astype(np.float64) + np.log(e.sum(axis=1, dtype=np.float64))
 
 
 def top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -109,13 +103,6 @@ def in_row_blocks(fn, n_rows: int, pool, n_blocks: int, row_len: int = 1 << 20) 
     if pool is None or len(spans) == 1:
         return [fn(a, b) for a, b in spans]
     return list(pool.map(lambda ab: fn(*ab), spans))
-
-
-def full_kld(ref_logp: np.ndarray, logits: np.ndarray) -> np.ndarray:
-    """Full-vocabulary KL(ref || artifact) per row; ref_logp already normalised."""
-    logq = logits.astype(np.float64) - log_sum_exp(logits)[:, None]
-    p = np.exp(ref_logp.astype(np.float64))
-    return (p * (ref_logp - logq)).sum(axis=1)
 
 
 def perplexity(nll: np.ndarray) -> float | None:
