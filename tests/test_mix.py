@@ -180,8 +180,13 @@ def test_mix_fits_target_loads_and_records_itself(demo, tmp_path):
     stock = d / "q4km.gguf"
     if not stock.is_file():
         stock = quantize_file(src, stock, "Q4_K_M", imatrix=im, n_threads=THREADS, progress=False)
+    wrote = written_by_this_process()
     m = mix.choose_and_write(src, None, mix.Target("size", stock.stat().st_size), imatrix=im, calib_text=calib_text,
                              layout=Layout("demo", tmp_path), n_threads=THREADS, progress=False)
+    wrote = written_by_this_process() - wrote
+    print(f"bytes written {wrote} for a {m.size_bytes}-byte mix ({wrote / m.size_bytes:.3f}x); "
+          f"KLD predicted {m.kld_predicted:.5f}, measured {m.kld_measured:.5f}")
+    assert wrote <= 1.5 * m.size_bytes        # no file per ablation: the mix (and its temp name) only
     assert m.path.name == f"demo-xvq-{m.bpw:.2f}bpw.gguf" and m.path.parent == tmp_path / "demo" / "gguf"
     assert m.path.stat().st_size <= stock.stat().st_size
     r = gguf.GGUFReader(m.path)
@@ -197,6 +202,51 @@ def test_mix_fits_target_loads_and_records_itself(demo, tmp_path):
     assert 0 < m.kld_measured < 0.1
     from xvq.validate.artifacts import inspect
     assert inspect(m.path).quant_type == "Q4_K_M-mix"        # validate labels (and gates) it by its class
+
+
+def written_by_this_process() -> int:
+    """write(2) bytes of this process so far, from the kernel's own count (/proc/self/io)."""
+    from pathlib import Path
+    io = Path("/proc/self/io")
+    if not io.is_file():
+        pytest.skip("no /proc/self/io here (Linux only)")
+    return int(next(ln for ln in io.read_text().splitlines() if ln.startswith("wchar:")).split()[1])
+
+
+def test_target_at_or_above_the_source_stops_before_measuring(demo, tmp_path):
+    """A --target-size the f16 source already meets, or a --target-bpw above its 16 bits, stops
+    with one line before any imatrix is measured (nothing is written), instead of an all-F16
+    "mix"."""
+    from xvq.cli import main
+    src, _, _, _ = demo
+    out = tmp_path / "out"
+    for opt, val in (("--target-size", "1G"), ("--target-size", f"{src.stat().st_size / 1e6:.6f}M"),
+                     ("--target-bpw", "16.5")):
+        r = CliRunner().invoke(main, ["quantize", "gguf", str(src), opt, val, "--out-root", str(out),
+                                      "--calib-tokens", "4096", "--threads", str(THREADS)])
+        lines = r.output.strip().splitlines()
+        assert r.exit_code == 1 and len(lines) == 1 and "at or above the source" in lines[0], (opt, val, r.output)
+        assert not out.exists(), (opt, val, list(out.rglob("*")))
+
+
+def test_outdir_holds_the_mix_its_report_and_the_imatrix(demo, tmp_path, monkeypatch):
+    """--outdir: the mix, its report and the imatrix it measured are written there, not under
+    ./out of the current folder."""
+    from xvq.cli import main
+    src, _, _, d = demo
+    monkeypatch.chdir(tmp_path)
+    stock = d / "q4km.gguf"
+    size = stock.stat().st_size if stock.is_file() else 3_200_000
+    outdir = tmp_path / "elsewhere"
+    r = CliRunner().invoke(main, ["quantize", "gguf", str(src), "--target-size", f"{size / 1e6:.6f}M",
+                                  "--outdir", str(outdir), "--calib-tokens", "4096", "--threads", str(THREADS)])
+    assert r.exit_code == 0, r.output
+    made = sorted(p.name for p in outdir.iterdir())
+    assert any(n.endswith("bpw.gguf") for n in made) and any(n.endswith("bpw.json") for n in made), made
+    assert any(n.endswith(".imatrix.gguf") for n in made), made
+    # the layout keeps only its step stamps (shared with the f16 conversion of a model folder)
+    strays = list(tmp_path.glob("out/**/*bpw.json")) + list(tmp_path.glob("out/**/*.imatrix.gguf"))
+    assert not strays, strays
 
 
 def test_target_below_smallest_file_fails_in_one_line(demo, tmp_path):
