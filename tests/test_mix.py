@@ -187,6 +187,9 @@ def test_mix_fits_target_loads_and_records_itself(demo, tmp_path):
     print(f"bytes written {wrote} for a {m.size_bytes}-byte mix ({wrote / m.size_bytes:.3f}x); "
           f"KLD predicted {m.kld_predicted:.5f}, measured {m.kld_measured:.5f}")
     assert wrote <= 1.5 * m.size_bytes        # no file per ablation: the mix (and its temp name) only
+    # the prediction (the chosen mix inside the loaded source, no file) against llama.cpp's logits of the file
+    assert m.kld_measured / 1.3 <= m.kld_predicted <= 1.3 * m.kld_measured
+    assert m.kld_additive < m.kld_predicted   # errors of different tensors add more than linearly
     assert m.path.name == f"demo-xvq-{m.bpw:.2f}bpw.gguf" and m.path.parent == tmp_path / "demo" / "gguf"
     assert m.path.stat().st_size <= stock.stat().st_size
     r = gguf.GGUFReader(m.path)

@@ -28,16 +28,19 @@ def _lib_with_set():
 class AblationTap:
     """cb_eval for a Context. `set(name, delta)` makes every later decode compute as if weight
     `name` were W + delta (delta in numpy order: [rows, cols], or [experts, rows, cols] for
-    stacked experts); `clear()` restores the model. `hits` counts the ops changed since `set`,
-    so a name the graph never uses is caught. Exceptions never unwind through C: kept in `error`
+    stacked experts); `add` perturbs one more weight at the same time (a whole mix, measured
+    before it is written); `clear()` restores the model. `hits` counts the ops changed since
+    `set`, so a name the graph never uses is caught. A delta may be given as a function that
+    makes it: it is then made when its op is reached and dropped after, so a whole model's
+    perturbation needs one tensor's memory at a time (decode the chunks in one batch to make each
+    once). Exceptions never unwind through C: kept in `error`
     and raised by Context.decode."""
 
     def __init__(self):
         self.lib = _lib_with_set()
         ops = _op_codes(self.lib, ("MUL_MAT", "MUL_MAT_ID", "GET_ROWS"))
         self.MUL_MAT, self.MUL_MAT_ID, self.GET_ROWS = ops["MUL_MAT"], ops["MUL_MAT_ID"], ops["GET_ROWS"]
-        self.weight: str | None = None
-        self.delta: np.ndarray | None = None
+        self.deltas: dict[str, np.ndarray] = {}
         self.hits = 0
         self.error: BaseException | None = None
         self._checked = False
@@ -45,15 +48,18 @@ class AblationTap:
         self.callback = C.ggml_backend_sched_eval_callback(self._cb)
 
     def set(self, name: str, delta: np.ndarray) -> None:
-        self.weight, self.delta, self.hits = name, np.asarray(delta, np.float32), 0
+        self.deltas, self.hits = {name: np.asarray(delta, np.float32)}, 0
+
+    def add(self, name: str, delta) -> None:
+        self.deltas[name] = delta if callable(delta) else np.asarray(delta, np.float32)
 
     def clear(self) -> None:
-        self.weight, self.delta = None, None
+        self.deltas = {}
 
-    def _targets(self, t: GgmlTensor) -> bool:
-        if self.weight is None or t.op not in (self.MUL_MAT, self.MUL_MAT_ID, self.GET_ROWS) or not t.src[0]:
-            return False
-        return weight_name(t.src[0].contents.name) == self.weight
+    def _target(self, t: GgmlTensor) -> np.ndarray | None:
+        if not self.deltas or t.op not in (self.MUL_MAT, self.MUL_MAT_ID, self.GET_ROWS) or not t.src[0]:
+            return None
+        return self.deltas.get(weight_name(t.src[0].contents.name))
 
     def _cb(self, ptr, ask, _user):
         try:
@@ -61,21 +67,22 @@ class AblationTap:
             if not self._checked:
                 check_layout(self.lib, ptr, t)
                 self._checked = True
-            if not self._targets(t):
+            delta = self._target(t)
+            if delta is None:
                 return bool(not ask)
             if ask:
                 return True
             if self.error is None:
-                self._perturb(t, ptr)
+                self._perturb(t, ptr, delta() if callable(delta) else delta)
                 self.hits += 1
             return True
         except BaseException as e:
             self.error = self.error or e
             return bool(not ask)
 
-    def _perturb(self, t: GgmlTensor, ptr) -> None:
+    def _perturb(self, t: GgmlTensor, ptr, delta: np.ndarray) -> None:
         if t.type != GGML_TYPE_F32:
-            raise XvqError(f"ablation of {self.weight}: the op's output is not float32; use a CPU or CUDA build "
+            raise XvqError(f"ablation of {weight_name(t.src[0].contents.name)}: the op's output is not float32; use a CPU or CUDA build "
                            f"of the locked llama-cpp-python")
         host = not t.buffer or self.lib.ggml_backend_buffer_is_host(t.buffer)
         nbytes = self.lib.ggml_nbytes(ptr)
@@ -88,16 +95,16 @@ class AblationTap:
         out = np.lib.stride_tricks.as_strided(np.frombuffer(raw, np.float32), shape=ne[::-1], strides=nb[::-1])
         if t.op == self.GET_ROWS:
             ids = tensor_array(self.lib, t.src[1].contents, t.src[1], np.int32)
-            out += self.delta[ids.reshape(out.shape[:-1])]          # each gathered row's own error
+            out += delta[ids.reshape(out.shape[:-1])]          # each gathered row's own error
         elif t.op == self.MUL_MAT:
             x = tensor_array(self.lib, t.src[1].contents, t.src[1], np.float32)
-            out += x @ self.delta.T                                  # (..., tokens, cols) -> (..., tokens, rows)
+            out += x @ delta.T                                  # (..., tokens, cols) -> (..., tokens, rows)
         else:
-            self._perturb_routed(t, out)
+            self._perturb_routed(t, out, delta)
         if not host:
             self.lib.ggml_backend_tensor_set(ptr, raw, 0, nbytes)
 
-    def _perturb_routed(self, t: GgmlTensor, out: np.ndarray) -> None:
+    def _perturb_routed(self, t: GgmlTensor, out: np.ndarray, delta: np.ndarray) -> None:
         """MUL_MAT_ID: out (1, tokens, slots, rows) += D[expert of the slot] @ x of the slot (x has
         one slot for all, gate/up, or one per slot, down)."""
         x = tensor_array(self.lib, t.src[1].contents, t.src[1], np.float32)[0]        # (tokens, xs, cols)
@@ -105,4 +112,4 @@ class AblationTap:
         for e in np.unique(ids):
             tok, slot = np.nonzero(ids == e)
             xs = x[tok, slot if x.shape[1] > 1 else 0]
-            out[0, tok, slot] += xs @ self.delta[e].T
+            out[0, tok, slot] += xs @ delta[e].T

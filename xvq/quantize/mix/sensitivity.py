@@ -27,6 +27,7 @@ CALIBRATION_TYPE = "Q3_K"      # ablations quantize one tensor to this (or its n
 MIN_TOKENS = 1024              # tokens an ablation is scored on, at least (8 chunks of 128)
 MAX_TOKENS = 4096              # and at most: past this the gains move by less than their spread
 KLD_CHUNKS = 8                 # calibration chunks for the measured KLD of a written file
+BATCH_SEQS = 8                 # chunks decoded together (one graph of 8 x 128 tokens)
 MIN_PROBED_LAYERS = 3          # a layer term needs layers on both sides of the one left out
 
 
@@ -46,9 +47,21 @@ class Evaluator:
         self.src, self.chunks, self.n_ctx, self.n_threads = src, chunks, n_ctx, n_threads
         self.gpu_layers = gpu_layers
         self.tap = AblationTap()
+        # chunks decode BATCH_SEQS at a time in one graph: fewer callbacks, and a whole mix's
+        # deltas (made when their op is reached) are made once per batch
+        self.n_seq = min(len(chunks), BATCH_SEQS)
         self._model = Gguf(src, gpu_layers=gpu_layers)
-        self._ctx = self._model.context(n_ctx, n_ubatch=n_ctx, threads=n_threads, tap=self.tap)
+        self._ctx = self._context(self._model, self.tap)
         self.ref_logp = log_softmax(self.logits())
+
+    def _context(self, model: Gguf, tap=None):
+        return model.context(self.n_ctx, n_seq=self.n_seq, n_ubatch=self.n_ctx * self.n_seq, threads=self.n_threads,
+                             tap=tap)
+
+    def _decode_all(self, ctx) -> np.ndarray:
+        k, scored = self.n_seq, self._scored()
+        return np.concatenate([ctx.decode(np.stack(self.chunks[i:i + k]), scored).copy()
+                               for i in range(0, len(self.chunks), k)])
 
     @property
     def tokens(self) -> int:
@@ -58,7 +71,7 @@ class Evaluator:
         return np.arange(self.n_ctx) >= self.n_ctx // 2
 
     def logits(self) -> np.ndarray:
-        return np.concatenate([self._ctx.decode(c, self._scored()).copy() for c in self.chunks])
+        return self._decode_all(self._ctx)
 
     def kld_with(self, name: str, delta: np.ndarray) -> float:
         self.tap.set(name, delta)
@@ -71,10 +84,20 @@ class Evaluator:
                            f"report this (the ablation could not measure it)")
         return k
 
+    def kld_with_all(self, deltas: dict) -> float:
+        """Every tensor of `deltas` perturbed at once (a mix before it is written); a delta may be
+        a function that makes it when its op is reached (xvq.llamacpp.ablation)."""
+        self.tap.clear()
+        for n, d in deltas.items():
+            self.tap.add(n, d)
+        try:
+            return kld(self.ref_logp, self.logits())
+        finally:
+            self.tap.clear()
+
     def kld(self, path: Path) -> float:
-        with Gguf(path, gpu_layers=self.gpu_layers) as m, \
-                m.context(self.n_ctx, n_ubatch=self.n_ctx, threads=self.n_threads) as ctx:
-            return kld(self.ref_logp, np.concatenate([ctx.decode(c, self._scored()).copy() for c in self.chunks]))
+        with Gguf(path, gpu_layers=self.gpu_layers) as m, self._context(m) as ctx:
+            return kld(self.ref_logp, self._decode_all(ctx))
 
     def close(self) -> None:
         self._ctx.close()
@@ -173,6 +196,22 @@ def ablate(src: Path, plan: Plan | list[TensorChoice], ev: Evaluator, imatrix_va
         out[c.name] = ev.kld_with(c.name, delta)
         del delta
     return out
+
+
+def kld_of_mix(src: Path, types: dict[str, str], tensors: list[TensorChoice], ev: Evaluator,
+               imatrix_values: dict[str, np.ndarray]) -> float:
+    """KLD of the source with every tensor at its chosen type, all at once inside `ev`'s model:
+    what the written file will measure (the additive sum of single ablations is not: quantization
+    errors of different tensors move the output the same way more often than not, so the whole
+    mix's KLD exceeds the sum). Each tensor's delta is made when its op is reached."""
+    data = {t.name: t for t in gguf.GGUFReader(src).tensors}
+    by_name = {c.name: c for c in tensors}
+
+    def maker(name: str, qtype: str):
+        c = by_name[name]
+        return lambda: quantization_delta(np.asarray(data[name].data), c, qtype, imatrix_values.get(name))
+    return ev.kld_with_all({n: maker(n, t) for n, t in types.items()
+                            if by_name[n].quantizable and t != by_name[n].src_type})
 
 
 def _ratios(tensors: list[TensorChoice], measured: dict[str, float]) -> dict[str, float]:

@@ -16,7 +16,8 @@ from xvq.errors import XvqError
 from xvq.fsio import atomic_output
 from xvq.llamacpp import parse_size
 from xvq.quantize.mix.candidates import ALIGN, TensorChoice, measure_errors, model_tensors, padded
-from xvq.quantize.mix.sensitivity import (Evaluator, ablate, ablation_plan, calibration_chunks, fit_gains)
+from xvq.quantize.mix.sensitivity import (Evaluator, ablate, ablation_plan, calibration_chunks, fit_gains,
+                                          kld_of_mix)
 from xvq.quantize.mix.solve import solve
 from xvq.quantize.mix.target import Target, check_below_source, check_reachable, tensor_budget
 from xvq.stamps import Stamps
@@ -37,8 +38,9 @@ class Mix:
     types: dict[str, str]
     size_bytes: int
     bpw: float
-    kld_predicted: float
-    kld_measured: float
+    kld_predicted: float              # the chosen mix measured inside the loaded source, before writing
+    kld_measured: float               # the written file, by llama.cpp, on the same chunks
+    kld_additive: float               # sum of gain x error over tensors: the knapsack's objective
     seconds_choosing: float
     seconds_writing: float
     tensors: list[dict] = field(default_factory=list)
@@ -49,6 +51,7 @@ class Mix:
     def as_dict(self) -> dict:
         return {"path": str(self.path), "size_bytes": self.size_bytes, "bpw": self.bpw,
                 "kld_predicted": self.kld_predicted, "kld_measured": self.kld_measured,
+                "kld_additive": self.kld_additive,
                 "seconds_choosing": self.seconds_choosing, "seconds_writing": self.seconds_writing,
                 "timings": self.timings, "sensitivity": self.sensitivity, "bytes_written": self.bytes_written,
                 "tensors": self.tensors}
@@ -166,8 +169,11 @@ def choose_and_write(src: Path, out: Path | None, target: Target, *, imatrix, ca
         by_name = {c.name: c for c in tensors}
         n_el = sum(c.n_elements for c in tensors)
         bpw = 8 * sum(by_name[n].options[t] for n, t in types.items()) / n_el
-        predicted = float(sum(by_name[n].predicted(t) for n, t in types.items() if by_name[n].quantizable))
+        additive = float(sum(by_name[n].predicted(t) for n, t in types.items() if by_name[n].quantizable))
         timings["solve"] = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        predicted = kld_of_mix(src, types, tensors, ev, im_values)
+        timings["predict"] = time.perf_counter() - t1
         t_choose = time.perf_counter() - t0
         if out is None:   # named by the mix, so known only now
             out = layout.gguf(f"xvq-{bpw:.2f}bpw")
@@ -178,8 +184,8 @@ def choose_and_write(src: Path, out: Path | None, target: Target, *, imatrix, ca
              "kld_predicted": c.predicted(types[c.name]) if c.quantizable else 0.0,
              "gain": c.gain, "ablation_kld": measured.get(c.name)} for c in tensors]
     wrote1 = bytes_written_so_far()
-    return Mix(out, types, out.stat().st_size, bpw, predicted, measured_kld, t_choose, time.perf_counter() - t1,
-               rows, timings, info, None if wrote0 is None or wrote1 is None else wrote1 - wrote0)
+    return Mix(out, types, out.stat().st_size, bpw, predicted, measured_kld, additive, t_choose,
+               time.perf_counter() - t1, rows, timings, info, None if wrote0 is None or wrote1 is None else wrote1 - wrote0)
 
 
 def write_mix(src: Path, out: Path, target: Target, types: dict[str, str], tensors: list[TensorChoice],
@@ -261,7 +267,8 @@ def quantize_mix(source: Path | str, target: Target, *, imatrix: str | Path | No
     report = write_report(mix, layout.mix_dir / (mix.path.stem + ".json"))
     s = mix.sensitivity
     log(f"wrote {mix.path} ({mix.size_bytes / 1e6:.1f} MB, {mix.bpw:.2f} bpw; {summary(mix.types)}); "
-        f"KLD predicted {mix.kld_predicted:.5f}, measured {mix.kld_measured:.5f} on the calibration text "
+        f"KLD predicted {mix.kld_predicted:.5f} (additive {mix.kld_additive:.5f}), measured {mix.kld_measured:.5f} "
+        f"on the calibration text "
         f"({s['measured']}/{s['of']} tensors ablated, {s['tokens_per_ablation']} tokens each); "
         f"chose in {mix.seconds_choosing:.1f} s; report {report}")
     return mix
