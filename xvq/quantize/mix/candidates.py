@@ -31,6 +31,7 @@ class TensorChoice:
     options: dict[str, int] = field(default_factory=dict)       # type -> bytes
     error: dict[str, float] = field(default_factory=dict)       # type -> weighted squared error
     gain: float = 0.0                   # KLD per unit of error (calibrated)
+    gain_at: dict[str, float] = field(default_factory=dict)     # type -> gain measured at that type
 
     @property
     def kind(self) -> str:
@@ -46,7 +47,15 @@ class TensorChoice:
         return int(np.prod(self.shape))
 
     def predicted(self, qtype: str) -> float:
-        return self.gain * self.error[qtype]
+        """gain x error; with gains measured at two or more types, the gain at this type is
+        interpolated in log error between them (KLD is not linear in the weighted squared error
+        across types: it grows faster once the coarse types' errors dominate)."""
+        e = self.error[qtype]
+        pts = sorted((self.error[t], g) for t, g in self.gain_at.items() if self.error.get(t, 0) > 0)
+        if len(pts) < 2 or e <= 0:
+            return self.gain * e
+        x = np.log([p[0] for p in pts])
+        return float(np.exp(np.interp(np.log(e), x, np.log([p[1] for p in pts])))) * e
 
 
 def padded(n: int) -> int:

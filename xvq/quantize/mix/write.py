@@ -16,8 +16,8 @@ from xvq.errors import XvqError
 from xvq.fsio import atomic_output
 from xvq.llamacpp import parse_size
 from xvq.quantize.mix.candidates import ALIGN, TensorChoice, measure_errors, model_tensors, padded
-from xvq.quantize.mix.sensitivity import (Evaluator, ablate, ablation_plan, calibration_chunks, fit_gains,
-                                          kld_of_mix)
+from xvq.quantize.mix.sensitivity import (Evaluator, Plan, ablate, ablate_at_chosen, ablation_plan,
+                                          calibration_chunks, fit_gains, kld_of_mix)
 from xvq.quantize.mix.solve import solve
 from xvq.quantize.mix.target import Target, check_below_source, check_reachable, tensor_budget
 from xvq.stamps import Stamps
@@ -30,6 +30,7 @@ TYPES_PLACEHOLDER = "-" * 127  # kv strings are cut at 127 bytes: the header nev
 FTYPE_BY_BPW = (("Q2_K", 0.0), ("Q3_K_M", 3.4375), ("Q4_K_M", 4.5), ("Q5_K_M", 5.5), ("Q6_K", 6.5625),
                 ("Q8_0", 8.5))
 DEFAULT_ABLATION_TOKENS = 131072   # without an imatrix to match: the calibration set's default budget
+MIN_ABLATION_TOKENS = 32 * 1024    # below this the whole measurement takes seconds: not worth a fit
 
 
 @dataclass
@@ -111,22 +112,23 @@ def _mix_kv(target: Target, imatrix, types_summary: str = TYPES_PLACEHOLDER, pre
 
 def ablation_budget(imatrix) -> int:
     """Tokens the ablations may spend in all: as many as the imatrix was measured on, so the
-    measurement takes about as long as the imatrix did."""
+    measurement takes about as long as the imatrix did (at least MIN_ABLATION_TOKENS)."""
     if imatrix is not None and imatrix.chunk_count > 0 and imatrix.chunk_size:
-        return int(imatrix.chunk_count * imatrix.chunk_size)
+        return max(MIN_ABLATION_TOKENS, int(imatrix.chunk_count * imatrix.chunk_size))
     return DEFAULT_ABLATION_TOKENS
 
 
 def measure_sensitivity(src: Path, tensors: list[TensorChoice], im_values: dict, calib_text: str, *, n_ctx: int,
                         budget_tokens: int, n_threads: int | None, gpu_layers, progress: bool,
-                        timings: dict) -> tuple[Evaluator, dict[str, float], dict]:
-    """Errors per type, then the ablations the budget pays for inside one loaded source, then the
-    gains. Returns the evaluator (kept loaded to score the written file), the ablation KLDs and
-    what was measured."""
+                        timings: dict) -> tuple[Evaluator, dict[str, float], dict, Plan]:
+    """Errors per type, then the ablations half the budget pays for inside one loaded source (the
+    other half is for the second pass at the chosen types), then the gains. Returns the evaluator
+    (kept loaded for the second pass and to score the written file), the ablation KLDs, what was
+    measured and the plan."""
     t0 = time.perf_counter()
     measure_errors(src, tensors, im_values, progress)
     timings["errors"] = time.perf_counter() - t0
-    plan = ablation_plan(tensors, budget_tokens, n_ctx)
+    plan = ablation_plan(tensors, budget_tokens // 2, n_ctx)
     chunks = calibration_chunks(src, calib_text, n_ctx, plan.tokens_each // n_ctx)
     t0 = time.perf_counter()
     ev = Evaluator(src, chunks, n_ctx, n_threads, gpu_layers)
@@ -140,7 +142,7 @@ def measure_sensitivity(src: Path, tensors: list[TensorChoice], im_values: dict,
     timings["ablations"] = time.perf_counter() - t0
     info = fit_gains(tensors, measured)
     info |= {"tokens_per_ablation": ev.tokens, "budget_tokens": budget_tokens, "complete": plan.complete}
-    return ev, measured, info
+    return ev, measured, info, plan
 
 
 def choose_and_write(src: Path, out: Path | None, target: Target, *, imatrix, calib_text: str, layout=None,
@@ -160,17 +162,25 @@ def choose_and_write(src: Path, out: Path | None, target: Target, *, imatrix, ca
     if not any(c.quantizable for c in tensors):
         raise XvqError(f"{src}: no tensor can be quantized (already quantized?); give the f16/f32 GGUF")
     timings: dict[str, float] = {}
-    ev, measured, info = measure_sensitivity(
+    ev, measured, info, plan = measure_sensitivity(
         src, tensors, im_values, calib_text, n_ctx=n_ctx, budget_tokens=budget_tokens or ablation_budget(imatrix),
         n_threads=n_threads, gpu_layers=gpu_layers, progress=progress, timings=timings)
     with ev:
         t1 = time.perf_counter()
-        types = solve(tensors, tensor_budget(target, tensors, header, src))
+        budget = tensor_budget(target, tensors, header, src)
+        types = solve(tensors, budget)
+        timings["solve"] = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        second = ablate_at_chosen(src, plan, types, ev, im_values, progress)
+        timings["ablations_at_chosen"] = time.perf_counter() - t1
+        info["second_pass"] = len(second)
+        t1 = time.perf_counter()
+        types = solve(tensors, budget)
         by_name = {c.name: c for c in tensors}
         n_el = sum(c.n_elements for c in tensors)
         bpw = 8 * sum(by_name[n].options[t] for n, t in types.items()) / n_el
         additive = float(sum(by_name[n].predicted(t) for n, t in types.items() if by_name[n].quantizable))
-        timings["solve"] = time.perf_counter() - t1
+        timings["solve"] += time.perf_counter() - t1
         t1 = time.perf_counter()
         predicted = kld_of_mix(src, types, tensors, ev, im_values)
         timings["predict"] = time.perf_counter() - t1
@@ -182,7 +192,8 @@ def choose_and_write(src: Path, out: Path | None, target: Target, *, imatrix, ca
         measured_kld = write_mix(src, out, target, types, tensors, predicted, imatrix, ev, header, n_threads, progress)
     rows = [{"name": c.name, "type": types[c.name], "bytes": c.options[types[c.name]],
              "kld_predicted": c.predicted(types[c.name]) if c.quantizable else 0.0,
-             "gain": c.gain, "ablation_kld": measured.get(c.name)} for c in tensors]
+             "gain": c.gain, "gain_at": c.gain_at, "ablation_kld": measured.get(c.name),
+             "ablation_kld_at_chosen": second.get(c.name)} for c in tensors]
     wrote1 = bytes_written_so_far()
     return Mix(out, types, out.stat().st_size, bpw, predicted, measured_kld, additive, t_choose,
                time.perf_counter() - t1, rows, timings, info, None if wrote0 is None or wrote1 is None else wrote1 - wrote0)
