@@ -207,13 +207,17 @@ def test_mix_fits_target_loads_and_records_itself(demo, tmp_path):
     if not stock.is_file():
         stock = quantize_file(src, stock, "Q4_K_M", imatrix=im, n_threads=THREADS, progress=False)
     wrote = written_by_this_process()
+    # a budget that measures every tensor at 1,024 tokens in each pass (the command's default on the
+    # demo; the fixture's small imatrix alone would give a partial plan)
     m = mix.choose_and_write(src, None, mix.Target("size", stock.stat().st_size), imatrix=im, calib_text=calib_text,
-                             layout=Layout("demo", tmp_path), n_threads=THREADS, progress=False)
+                             layout=Layout("demo", tmp_path), n_threads=THREADS, progress=False,
+                             budget_tokens=2 * 30 * 1024)
     wrote = written_by_this_process() - wrote
     print(f"bytes written {wrote} for a {m.size_bytes}-byte mix ({wrote / m.size_bytes:.3f}x); "
           f"KLD predicted {m.kld_predicted:.5f}, measured {m.kld_measured:.5f}")
     assert wrote <= 1.5 * m.size_bytes        # no file per ablation: the mix (and its temp name) only
     # the prediction (the chosen mix inside the loaded source, no file) against llama.cpp's logits of the file
+    assert m.sensitivity["complete"] and m.sensitivity["prediction"] == "in-model"
     assert m.kld_measured / 1.3 <= m.kld_predicted <= 1.3 * m.kld_measured
     assert m.kld_measured / 1.3 <= m.kld_additive <= 1.3 * m.kld_measured   # after the second pass, additive too
     assert m.path.name == f"demo-xvq-{m.bpw:.2f}bpw.gguf" and m.path.parent == tmp_path / "demo" / "gguf"

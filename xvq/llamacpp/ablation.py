@@ -82,8 +82,8 @@ class AblationTap:
 
     def _perturb(self, t: GgmlTensor, ptr, delta: np.ndarray) -> None:
         if t.type != GGML_TYPE_F32:
-            raise XvqError(f"ablation of {weight_name(t.src[0].contents.name)}: the op's output is not float32; use a CPU or CUDA build "
-                           f"of the locked llama-cpp-python")
+            raise XvqError(f"ablation of {weight_name(t.src[0].contents.name)}: the op's output is not float32; "
+                           f"use a CPU or CUDA build of the locked llama-cpp-python")
         host = not t.buffer or self.lib.ggml_backend_buffer_is_host(t.buffer)
         nbytes = self.lib.ggml_nbytes(ptr)
         if host:

@@ -11,7 +11,7 @@ measured tensors it did not see (leave one probed layer out)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
@@ -183,12 +183,22 @@ def ablation_plan(tensors: list[TensorChoice], budget_tokens: int, n_ctx: int = 
 # Measuring and fitting
 # ----------------------------------------------------------------------------------------------
 
+DELTA_BLOCK_ROWS = 1024        # rows quantized at a time: the delta is the one tensor-sized buffer
+
+
 def quantization_delta(w: np.ndarray, c: TensorChoice, qtype: str, imatrix: np.ndarray | None) -> np.ndarray:
-    """Q(W) - W in the tensor's own shape, float32 (one tensor's worth of memory)."""
-    rows = np.asarray(w, np.float32).reshape(-1, c.shape[-1])
-    expert = np.arange(rows.shape[0]) // c.shape[-2]
-    d = quantize_dequantize(qtype, rows, imatrix, expert)
-    d -= rows
+    """Q(W) - W in the tensor's own shape, float32: one tensor's worth of memory, filled a block
+    of rows at a time (blocks never straddle two experts, whose imatrix slices differ)."""
+    w = np.asarray(w).reshape(-1, c.shape[-1])
+    per_matrix = c.shape[-2]
+    d = np.empty(w.shape, np.float32)
+    a = 0
+    while a < w.shape[0]:
+        b = min(a + DELTA_BLOCK_ROWS, (a // per_matrix + 1) * per_matrix, w.shape[0])
+        rows = np.asarray(w[a:b], np.float32)
+        d[a:b] = quantize_dequantize(qtype, rows, imatrix, np.arange(a, b) // per_matrix)
+        d[a:b] -= rows
+        a = b
     return d.reshape(c.shape)
 
 

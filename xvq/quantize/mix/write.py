@@ -30,7 +30,7 @@ TYPES_PLACEHOLDER = "-" * 127  # kv strings are cut at 127 bytes: the header nev
 FTYPE_BY_BPW = (("Q2_K", 0.0), ("Q3_K_M", 3.4375), ("Q4_K_M", 4.5), ("Q5_K_M", 5.5), ("Q6_K", 6.5625),
                 ("Q8_0", 8.5))
 DEFAULT_ABLATION_TOKENS = 131072   # without an imatrix to match: the calibration set's default budget
-MIN_ABLATION_TOKENS = 32 * 1024    # below this the whole measurement takes seconds: not worth a fit
+MIN_ABLATION_TOKENS = 64 * 1024    # a 32-tensor model at 1,024 tokens a tensor, both passes: no fit below
 
 
 @dataclass
@@ -182,7 +182,11 @@ def choose_and_write(src: Path, out: Path | None, target: Target, *, imatrix, ca
         additive = float(sum(by_name[n].predicted(t) for n, t in types.items() if by_name[n].quantizable))
         timings["solve"] += time.perf_counter() - t1
         t1 = time.perf_counter()
-        predicted = kld_of_mix(src, types, tensors, ev, im_values)
+        # the in-model prediction quantizes every tensor once more (a quantize pass per 8 chunks):
+        # cheap beside the ablations when all tensors were measured, not at 65B, where the
+        # additive prediction (within 1.3x after the second pass, docs/mix.md) stands alone
+        predicted = kld_of_mix(src, types, tensors, ev, im_values) if plan.complete else additive
+        info["prediction"] = "in-model" if plan.complete else "additive"
         timings["predict"] = time.perf_counter() - t1
         t_choose = time.perf_counter() - t0
         if out is None:   # named by the mix, so known only now
@@ -196,7 +200,8 @@ def choose_and_write(src: Path, out: Path | None, target: Target, *, imatrix, ca
              "ablation_kld_at_chosen": second.get(c.name)} for c in tensors]
     wrote1 = bytes_written_so_far()
     return Mix(out, types, out.stat().st_size, bpw, predicted, measured_kld, additive, t_choose,
-               time.perf_counter() - t1, rows, timings, info, None if wrote0 is None or wrote1 is None else wrote1 - wrote0)
+               time.perf_counter() - t1, rows, timings, info,
+               None if wrote0 is None or wrote1 is None else wrote1 - wrote0)
 
 
 def write_mix(src: Path, out: Path, target: Target, types: dict[str, str], tensors: list[TensorChoice],
@@ -211,7 +216,8 @@ def write_mix(src: Path, out: Path, target: Target, types: dict[str, str], tenso
     kv = _mix_kv(target, None, summary(types), predicted)
     with atomic_output(out) as tmp, tqdm(total=2, desc="mix: write, measure", disable=not progress,
                                          leave=False) as bar:
-        quantize_with_types(src, tmp, ftype, quant, imatrix=imatrix, extra_kv=list(kv.items()), n_threads=n_threads or 0)
+        quantize_with_types(src, tmp, ftype, quant, imatrix=imatrix, extra_kv=list(kv.items()),
+                            n_threads=n_threads or 0)
         bar.update()
         measured_kld = ev.kld(tmp)
         patch_float(tmp, KEY_MEASURED, measured_kld)
