@@ -31,6 +31,7 @@ FTYPE_BY_BPW = (("Q2_K", 0.0), ("Q3_K_M", 3.4375), ("Q4_K_M", 4.5), ("Q5_K_M", 5
                 ("Q8_0", 8.5))
 DEFAULT_ABLATION_TOKENS = 131072   # without an imatrix to match: the calibration set's default budget
 MIN_ABLATION_TOKENS = 64 * 1024    # a 32-tensor model at 1,024 tokens a tensor, both passes: no fit below
+SMALL_MODEL_WEIGHTS = 1e9          # models below this get the floor (it costs them seconds to minutes)
 
 
 @dataclass
@@ -110,12 +111,14 @@ def _mix_kv(target: Target, imatrix, types_summary: str = TYPES_PLACEHOLDER, pre
                  KEY_MEASURED: 0.0}
 
 
-def ablation_budget(imatrix) -> int:
+def ablation_budget(imatrix, n_weights: int) -> int:
     """Tokens the ablations may spend in all: as many as the imatrix was measured on, so the
-    measurement takes about as long as the imatrix did (at least MIN_ABLATION_TOKENS)."""
+    measurement takes about as long as the imatrix did; a model under SMALL_MODEL_WEIGHTS gets at
+    least MIN_ABLATION_TOKENS (a small calibration would otherwise leave it a fit)."""
+    tokens = DEFAULT_ABLATION_TOKENS
     if imatrix is not None and imatrix.chunk_count > 0 and imatrix.chunk_size:
-        return max(MIN_ABLATION_TOKENS, int(imatrix.chunk_count * imatrix.chunk_size))
-    return DEFAULT_ABLATION_TOKENS
+        tokens = int(imatrix.chunk_count * imatrix.chunk_size)
+    return max(MIN_ABLATION_TOKENS, tokens) if n_weights < SMALL_MODEL_WEIGHTS else tokens
 
 
 def measure_sensitivity(src: Path, tensors: list[TensorChoice], im_values: dict, calib_text: str, *, n_ctx: int,
@@ -162,9 +165,10 @@ def choose_and_write(src: Path, out: Path | None, target: Target, *, imatrix, ca
     if not any(c.quantizable for c in tensors):
         raise XvqError(f"{src}: no tensor can be quantized (already quantized?); give the f16/f32 GGUF")
     timings: dict[str, float] = {}
+    budget_tokens = budget_tokens or ablation_budget(imatrix, sum(c.n_elements for c in tensors))
     ev, measured, info, plan = measure_sensitivity(
-        src, tensors, im_values, calib_text, n_ctx=n_ctx, budget_tokens=budget_tokens or ablation_budget(imatrix),
-        n_threads=n_threads, gpu_layers=gpu_layers, progress=progress, timings=timings)
+        src, tensors, im_values, calib_text, n_ctx=n_ctx, budget_tokens=budget_tokens, n_threads=n_threads,
+        gpu_layers=gpu_layers, progress=progress, timings=timings)
     with ev:
         t1 = time.perf_counter()
         budget = tensor_budget(target, tensors, header, src)
