@@ -28,6 +28,7 @@ MIN_TOKENS = 1024              # tokens an ablation is scored on, at least (8 ch
 MAX_TOKENS = 2048              # and at most: on the demo 4096 chose the same mixes as 1024
 KLD_CHUNKS = 8                 # calibration chunks for the measured KLD of a written file
 BATCH_SEQS = 8                 # chunks decoded together (one graph of 8 x 128 tokens)
+KLD_ROWS = 64                  # positions scored at a time (XVERSE's vocabulary: 50 MB of float64 each)
 MIN_PROBED_LAYERS = 3          # a layer term needs layers on both sides of the one left out
 
 
@@ -70,7 +71,9 @@ class Evaluator:
         """Mean KL(source || this computation) over every scored position, batch by batch."""
         total, n = 0.0, 0
         for (ref, lse), x in zip(self._ref, self._batches(ctx)):
-            total += float(full_kld(ref.astype(np.float64) - lse[:, None], x).sum())
+            for a in range(0, len(x), KLD_ROWS):   # float64 temporaries of KLD_ROWS rows, not of the batch
+                b = a + KLD_ROWS
+                total += float(full_kld(ref[a:b].astype(np.float64) - lse[a:b, None], x[a:b]).sum())
             n += len(x)
         return total / n
 
@@ -107,9 +110,14 @@ class Evaluator:
         with Gguf(path, gpu_layers=self.gpu_layers) as m, self._context(m) as ctx:
             return self._kld_of(ctx)
 
-    def close(self) -> None:
+    def release_source(self) -> None:
+        """Free the loaded source and its context (their compute buffers), keeping the reference:
+        before llama.cpp's quantizer writes the file, so the two never hold memory together."""
         self._ctx.close()
         self._model.close()
+
+    def close(self) -> None:
+        self.release_source()
 
     def __enter__(self):
         return self

@@ -196,6 +196,7 @@ def choose_and_write(src: Path, out: Path | None, target: Target, *, imatrix, ca
         if out is None:   # named by the mix, so known only now
             out = layout.gguf(f"xvq-{bpw:.2f}bpw")
             out = Path(outdir) / out.name if outdir is not None else out
+        ev.release_source()
         t1 = time.perf_counter()
         measured_kld = write_mix(src, out, target, types, tensors, predicted, imatrix, ev, header, n_threads, progress)
     rows = [{"name": c.name, "type": types[c.name], "bytes": c.options[types[c.name]],
