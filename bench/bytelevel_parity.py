@@ -23,7 +23,7 @@ def main() -> None:
     from xvq.calib_data import records
     from xvq.convert.vocab import read_vocab, write_vocab_only_gguf
     from xvq.synth import byte_level_tokenizer, save_byte_level_tokenizer
-    from xvq.validate.tokparity import compare_tokenization, corpus_chunks
+    from xvq.convert.tokparity import compare_tokenization, corpus_chunks
     n_chunks = int(sys.argv[sys.argv.index("--chunks") + 1]) if "--chunks" in sys.argv else 259
     held = records("heldout")
     corpus = corpus_chunks(sorted((SHARED / "corpus").rglob("*.txt")), n_chunks) if (SHARED / "corpus").is_dir() else []

@@ -33,14 +33,14 @@ if str(ROOT) not in sys.path:
 from tests.test_memory import peak_anon_mb  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "assets"
-WORK = ROOT / ".cache" / "bench" / "scale"
+WORK = Path(os.environ.get("XVQ_BENCH_WORK", ROOT / ".cache" / "bench" / "scale"))
 ZIYA = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=5120, intermediate_size=13824,
             num_attention_heads=40, num_key_value_heads=40, num_hidden_layers=40, vocab_size=39410,
             rms_norm_eps=1e-6, max_position_embeddings=2048, hidden_act="silu", tie_word_embeddings=False,
             bos_token_id=1, eos_token_id=2, rope_theta=10000.0)
 MODELS = ["XVERSE-7B-Chat", "Ziya-LLaMA-13B", "XVERSE-13B", "XVERSE-MoE-A4.2B", "XVERSE-65B", "XVERSE-MoE-A36B"]
 QUICK = MODELS[:2]
-STAGES = ["convert", "imatrix", "quantize", "gptq", "validate", "delta"]
+STAGES = ["convert", "imatrix", "quantize", "mix", "gptq", "validate", "delta"]
 CALIB_TOKENS, EXPERTS = 4096, 8
 
 
@@ -138,6 +138,8 @@ def measure_slice(name: str, cfg: dict, stages: list[str], texts, timeout: float
     for stage in stages:
         if stage == "delta":
             out[stage] = delta_stage(model, work, timeout)
+        elif stage == "mix":
+            out[stage] = mix_stage(work, timeout)
         elif stage in cmds:
             out[stage] = run_stage(*cmds[stage], timeout)
         print(f"  {name} {cfg['num_hidden_layers']}L/{cfg.get('num_experts', '-')}E {stage}: "
@@ -145,6 +147,25 @@ def measure_slice(name: str, cfg: dict, stages: list[str], texts, timeout: float
               flush=True)
     shutil.rmtree(folder, ignore_errors=True)
     return out
+
+
+def mix_stage(work: Path, timeout: float) -> dict:
+    """`--target-size` at the Q4_K_M file's size (the quantize stage's), with the imatrix stage's
+    file: the mix alone, as `quantize` is the stock file alone. Its report (in --outdir) gives
+    the bytes the process wrote by the kernel's count (/proc/self/io) and what was ablated."""
+    q4 = work / "q4_k_m.gguf"
+    if not q4.is_file():
+        return {"s": 0.0, "mb": 0.0, "bytes": 0, "ok": False, "err": "run the quantize stage first (its size is the target)"}
+    out = work / "mix"
+    r = run_stage(xvq("quantize", "gguf", work / "f16.gguf", "--target-size", f"{q4.stat().st_size / 1e6:.6f}M",
+                      "--imatrix", work / "im.gguf", "--outdir", out), [out], timeout)
+    reports = sorted(out.glob("*.json")) if out.is_dir() else []
+    if reports:
+        rep = json.loads(reports[0].read_text())
+        r |= {"written_by_process": rep.get("bytes_written"), "mix_bytes": rep["size_bytes"],
+              "ablated": f"{rep['sensitivity']['measured']}/{rep['sensitivity']['of']}",
+              "kld_predicted": rep["kld_predicted"], "kld_measured": rep["kld_measured"], "timings": rep["timings"]}
+    return r
 
 
 def delta_stage(model: Path, work: Path, timeout: float) -> dict:
@@ -351,9 +372,31 @@ def print_table(rows: list[dict]) -> None:
         print(f"| {r['model']} | {r['stage']} | {la}: {o['s']:.1f} / {o['mb']:.0f} | {two} | "
               f"{pl['s']:.1f} / {p.get('depth_mb', 0):+.0f} / {pl['bytes'] / 1e9:.2f} | {p['s'] / 60:.1f} min | "
               f"{p['mb'] / 1e3:.2f} GB | {p['bytes'] / 1e9:.1f} GB |")
+    print_mix_against_stock(rows)
     print("\nper layer: slice B minus slice A, per layer (MoE: with all 64 experts, priced from the slice with 16); "
           "MB: peak memory's growth with depth; projected = fixed + depth x per layer on this machine's cores; "
           "peak memory = slice A's + its growth with depth + the experts one layer adds.")
+
+
+def print_mix_against_stock(rows: list[dict]) -> None:
+    """The mix's projected time against imatrix + quantize of the same model (what a stock file
+    costs), and the bytes it wrote against its file."""
+    by = {(r["model"], r["stage"]): r for r in rows if "projection" in r}
+    models = sorted({m for m, s in by if s == "mix"})
+    if not models:
+        return
+    print("\n| model | mix: projected | imatrix + quantize: projected | ratio | bytes written / mix file (slices) | ablated |")
+    print("|---|---|---|---|---|---|")
+    for m in models:
+        mix = by[(m, "mix")]
+        stock = [by.get((m, s)) for s in ("imatrix", "quantize")]
+        if None in stock:
+            continue
+        base = sum(r["projection"]["s"] for r in stock)
+        w = [x for x in (mix["one"], mix["two"]) if x and x.get("written_by_process")]
+        wr = " / ".join(f"{x['written_by_process'] / x['mix_bytes']:.2f}x" for x in w) or "-"
+        print(f"| {m} | {mix['projection']['s'] / 60:.1f} min | {base / 60:.1f} min | "
+              f"{mix['projection']['s'] / base:.2f} | {wr} | {' / '.join(x.get('ablated', '-') for x in w)} |")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from xvq.convert import convert
 from xvq.convert.vocab import read_vocab, write_vocab_only_gguf
 from xvq.errors import XvqError
 from xvq.llamacpp import pretok
-from xvq.validate.tokparity import compare_tokenization
+from xvq.convert.tokparity import compare_tokenization
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                # short, so that most of a 64-wide head's frequencies are rescaled at 80 positions

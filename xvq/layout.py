@@ -88,6 +88,11 @@ class Layout:
     def release_dir(self) -> Path:
         return self.base / "release"
 
+    @property
+    def mix_dir(self) -> Path:
+        """Mix reports (docs/mix.md): the chosen type, bytes and sensitivity of every tensor."""
+        return self.base / "mix"
+
     def gguf(self, qtype: str) -> Path:
         return self.gguf_dir / f"{slug(self.name)}-{quant_tag(qtype)}.gguf"
 
@@ -107,3 +112,4 @@ class Layout:
         if not self.gptq_root.is_dir():
             return []
         return sorted(p for p in self.gptq_root.iterdir() if p.is_dir() and not p.name.startswith("."))
+

@@ -1,6 +1,6 @@
-"""Arithmetic on next-token logits that validate and the mixes both need, below every stage:
-a row-wise log-sum-exp as llama.cpp's perplexity tool computes it, and the full-vocabulary KL
-divergence against a reference."""
+"""Log-softmax math on logit rows, shared by the stages that compare distributions (validate's
+report, the mix's sensitivity measurement): a foundation module, so neither stage imports the
+other for it."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,6 +12,10 @@ def log_sum_exp(logits: np.ndarray, row_max: np.ndarray | None = None) -> np.nda
     e = np.subtract(logits, m[:, None])
     np.exp(e, out=e)
     return m.astype(np.float64) + np.log(e.sum(axis=1, dtype=np.float64))
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    return logits.astype(np.float64) - log_sum_exp(logits)[:, None]
 
 
 def full_kld(ref_logp: np.ndarray, logits: np.ndarray) -> np.ndarray:

@@ -52,7 +52,8 @@ def gguf_cmd(source, types, imatrix, outdir, outfile, output_tensor_type, token_
     target = parse_target(target_size, target_bpw, fit_ram, n_ctx)
     if target is not None:
         quantize_mix(source, target, imatrix=imatrix, outdir=outdir, outfile=outfile, name=name, out_root=out_root,
-                     calib_file=calib_file, calib_tokens=calib_tokens, n_threads=threads, log=click.echo)
+                     calib_file=calib_file, calib_tokens=calib_tokens, n_threads=threads, gpu_layers=gpu_layers,
+                     log=click.echo)
         return
     imatrix_settings = ImatrixSettings(spec=imatrix, calib_file=calib_file,
                                        calib_tokens=calib_tokens or DEFAULT_CALIB_TOKENS, n_ctx=n_ctx or 512,

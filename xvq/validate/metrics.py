@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from xvq.logits import full_kld, log_sum_exp  # noqa: F401  (validate.core and the tests use them from here)
+from xvq.logits import full_kld, log_sum_exp  # noqa: F401  (validate's names, kept)
 
 DEFAULT_TOP_K = 128
 FULL_SAMPLE_FLOATS = 1 << 22        # full reference rows kept for the top-k-vs-full check (16 MiB)
