@@ -176,3 +176,46 @@ def test_sigterm_mid_imatrix_exits_143_at_once_and_the_rerun_matches_a_clean_run
     assert p.wait(timeout=600) == 0, p.stderr.read()
     name = "demo/imatrix/demo.imatrix.gguf"
     assert (interrupted / name).read_bytes() == (clean / name).read_bytes()
+
+
+def test_sigterm_mid_mix_sensitivity_exits_143_at_once_and_the_rerun_matches_a_clean_run(tmp_path):
+    """The mix's ablations run inside llama.cpp's eval callback too (xvq/llamacpp/ablation.py)."""
+    from tests.conftest import DEMO
+    if not DEMO.is_dir():
+        pytest.skip("demo model not built")
+    imatrix = tmp_path / "demo.imatrix.gguf"
+    p = run_xvq("quantize", "imatrix", str(DEMO), "--name", "demo", "--calib-tokens", "8192", "-o", str(imatrix),
+                "--out-root", str(tmp_path / "im"))
+    assert p.wait(timeout=600) == 0, p.stderr.read()
+    args = ["quantize", "gguf", str(DEMO), "--name", "demo", "--target-size", "3.2M", "--imatrix", str(imatrix),
+            "--calib-tokens", "8192"]
+    clean, interrupted = tmp_path / "clean", tmp_path / "interrupted"
+    p = run_xvq(*args, "--out-root", str(clean))
+    assert p.wait(timeout=600) == 0, p.stderr.read()
+    p = run_xvq(*args, "--out-root", str(interrupted))
+    seen = bytearray()
+
+    def read_stderr():   # the progress bar says when the ablations have begun
+        while chunk := p.stderr.buffer.read1(4096):
+            seen.extend(chunk)
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    end = time.monotonic() + 300
+    while b"sensitivity" not in seen and time.monotonic() < end and p.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert p.poll() is None, "the mix finished before the signal"
+    t = time.monotonic()
+    p.send_signal(signal.SIGTERM)
+    p.wait(timeout=60)
+    took = time.monotonic() - t
+    reader.join(10)
+    err = seen.decode("utf-8", "replace")
+    assert p.returncode == 143 and took < 2.0, (p.returncode, took, err[-2000:])
+    assert "Exception ignored" not in err and "Traceback" not in err
+    left = [q.name for q in interrupted.rglob("*") if "bpw" in q.name or ".xvq-partial" in q.name]
+    assert left == [], left
+    p = run_xvq(*args, "--out-root", str(interrupted))
+    assert p.wait(timeout=600) == 0, p.stderr.read()
+    made = {q.relative_to(interrupted): q.read_bytes() for q in interrupted.rglob("*bpw.gguf")}
+    assert made and made == {q.relative_to(clean): q.read_bytes() for q in clean.rglob("*bpw.gguf")}
