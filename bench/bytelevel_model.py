@@ -41,9 +41,9 @@ def ids_of(tok, texts: list[str], eos: int):
 
 def train(out: Path = DEFAULT_OUT, steps: int = 300) -> Path:
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from bench.mix_model import fit
     from xvq.calib_data import corpus_texts, heldout_texts
-    from xvq.demo.train import batches, heldout_loss, train_step
+    from xvq.demo.train import heldout_loss
     from xvq.fsio import atomic_output
     from xvq.synth import LLAMA3_SPECIALS, byte_level_tokenizer, save_byte_level_tokenizer
 
@@ -54,17 +54,8 @@ def train(out: Path = DEFAULT_OUT, steps: int = 300) -> Path:
     config = CONFIG | {"vocab_size": tok.get_vocab_size(), "bos_token_id": bos, "eos_token_id": eos}
     ids, held = ids_of(tok, texts, eos), ids_of(tok, list(heldout_texts().values()), eos)
     with atomic_output(out, is_dir=True) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tmp), dtype=torch.float32)
-        opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1, betas=(0.9, 0.95))
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-        data = batches(ids, SEQ, BATCH, torch.Generator().manual_seed(SEED))
         t0 = time.time()
-        for step in range(steps):
-            loss = train_step(model, opt, sched, *next(data))
-            if step % 20 == 0 or step + 1 == steps:
-                print(f"step {step + 1}/{steps} loss {loss.item():.3f} ({time.time() - t0:.0f} s)", flush=True)
+        model, loss = fit(tmp, config, ids, steps, SEQ, BATCH, LR, SEED)
         val = heldout_loss(model, held, SEQ, "cpu")
         model.to(torch.bfloat16).save_pretrained(tmp)
         (tmp / "config.json").write_text(json.dumps(config | {"torch_dtype": "bfloat16"}, indent=2))

@@ -23,13 +23,32 @@ CONFIG = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_a
 SEQ, BATCH, LR, SEED = 128, 16, 2e-3, 1
 
 
+def fit(folder: Path, config: dict, ids, steps: int, seq: int, batch: int, lr: float, seed: int):
+    """A float32 model of `config` (written to `folder`) trained `steps` AdamW steps with warm-up and
+    cosine decay on `ids`, as xvq.demo.train trains the demo; returns (model, last loss)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from xvq.demo.train import batches, train_step
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    data = batches(ids, seq, batch, torch.Generator().manual_seed(seed))
+    t0 = time.time()
+    for step in range(steps):
+        loss = train_step(model, opt, sched, *next(data))
+        if step % 20 == 0 or step + 1 == steps:
+            print(f"step {step + 1}/{steps} loss {loss.item():.3f} ({time.time() - t0:.0f} s)", flush=True)
+    return model, loss
+
+
 def train(out: Path = DEFAULT_OUT, steps: int = 200) -> Path:
     import torch
     from tokenizers import Tokenizer
     import xvq  # noqa: F401  (registers xverse with transformers)
-    from transformers import AutoConfig, AutoModelForCausalLM
     from xvq.calib_data import corpus_texts
-    from xvq.demo.train import DEMO_CONFIG, batches, train_step, training_ids
+    from xvq.demo.train import DEMO_CONFIG, training_ids
     from xvq.fsio import atomic_output
 
     torch.manual_seed(SEED)
@@ -38,17 +57,8 @@ def train(out: Path = DEFAULT_OUT, steps: int = 200) -> Path:
     demo_cfg = json.loads((DEMO / "config.json").read_text())
     config = DEMO_CONFIG | CONFIG | {"vocab_size": demo_cfg["vocab_size"]}
     with atomic_output(out, is_dir=True) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tmp), dtype=torch.float32)
-        opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1, betas=(0.9, 0.95))
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-        data = batches(ids, SEQ, BATCH, torch.Generator().manual_seed(SEED))
         t0 = time.time()
-        for step in range(steps):
-            loss = train_step(model, opt, sched, *next(data))
-            if step % 20 == 0 or step + 1 == steps:
-                print(f"step {step + 1}/{steps} loss {loss.item():.3f} ({time.time() - t0:.0f} s)", flush=True)
+        model, loss = fit(tmp, config, ids, steps, SEQ, BATCH, LR, SEED)
         model.to(torch.bfloat16).save_pretrained(tmp)
         (tmp / "config.json").write_text(json.dumps(config | {"torch_dtype": "bfloat16"}, indent=2))
         for f in DEMO.iterdir():
