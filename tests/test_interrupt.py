@@ -147,27 +147,49 @@ def run_xvq(*args: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
+class stderr_collector(bytearray):
+    """What a process writes to stderr, read as it comes (progress bars end lines with \\r)."""
+
+    def __init__(self, p: subprocess.Popen):
+        super().__init__()
+        self.reader = threading.Thread(target=self._read, args=(p,), daemon=True)
+        self.reader.start()
+
+    def _read(self, p) -> None:
+        while chunk := p.stderr.buffer.read1(4096):
+            self.extend(chunk)
+
+    def text(self) -> str:
+        self.reader.join(10)
+        return bytes(self).decode("utf-8", "replace")
+
+
+def wait_for_bytes(p: subprocess.Popen, seen: bytearray, marker: bytes, timeout: float = 300) -> None:
+    end = time.monotonic() + timeout
+    while marker not in seen and time.monotonic() < end and p.poll() is None:
+        time.sleep(0.05)
+
+
 def test_sigterm_mid_imatrix_exits_143_at_once_and_the_rerun_matches_a_clean_run(tmp_path):
     """The imatrix is measured inside llama.cpp's eval callback, where the KeyboardInterrupt was
     swallowed: the run went on, and its imatrix and Q4_K_M differed from a clean run's."""
     from tests.conftest import DEMO
     if not DEMO.is_dir():
         pytest.skip("demo model not built")
-    args = ["quantize", "imatrix", str(DEMO), "--name", "demo", "--calib-tokens", "65536"]
+    args = ["quantize", "imatrix", str(DEMO), "--name", "demo", "--calib-tokens", "32768"]
     clean, interrupted = tmp_path / "clean", tmp_path / "interrupted"
     p = run_xvq(*args, "--out-root", str(clean))
     assert p.wait(timeout=600) == 0, p.stderr.read()
     p = run_xvq(*args, "--out-root", str(interrupted))
-    f16 = interrupted / "demo" / "gguf" / "demo-f16.gguf"
-    end = time.monotonic() + 300
-    while not f16.is_file() and time.monotonic() < end and p.poll() is None:
-        time.sleep(0.05)
-    time.sleep(2.0)   # well inside the measurement (about 7 s on the demo)
+    seen = stderr_collector(p)
+    wait_for_bytes(p, seen, b"imatrix demo-f16.gguf")   # the measurement's bar: decoding has begun
+    time.sleep(0.3)
     assert p.poll() is None, "the imatrix finished before the signal"
     t = time.monotonic()
     p.send_signal(signal.SIGTERM)
-    _, err = p.communicate(timeout=60)
+    p.wait(timeout=60)
     took = time.monotonic() - t
+    err = seen.text()
     assert p.returncode == 143 and took < 2.0, (p.returncode, took, err[-2000:])
     assert "Exception ignored" not in err and "Traceback" not in err
     left = [q.name for q in interrupted.rglob("*") if "imatrix" in q.name or ".xvq-partial" in q.name]
@@ -193,24 +215,15 @@ def test_sigterm_mid_mix_sensitivity_exits_143_at_once_and_the_rerun_matches_a_c
     p = run_xvq(*args, "--out-root", str(clean))
     assert p.wait(timeout=600) == 0, p.stderr.read()
     p = run_xvq(*args, "--out-root", str(interrupted))
-    seen = bytearray()
-
-    def read_stderr():   # the progress bar says when the ablations have begun
-        while chunk := p.stderr.buffer.read1(4096):
-            seen.extend(chunk)
-    reader = threading.Thread(target=read_stderr, daemon=True)
-    reader.start()
-    end = time.monotonic() + 300
-    while b"sensitivity" not in seen and time.monotonic() < end and p.poll() is None:
-        time.sleep(0.05)
+    seen = stderr_collector(p)
+    wait_for_bytes(p, seen, b"sensitivity")   # the progress bar says when the ablations have begun
     time.sleep(0.3)
     assert p.poll() is None, "the mix finished before the signal"
     t = time.monotonic()
     p.send_signal(signal.SIGTERM)
     p.wait(timeout=60)
     took = time.monotonic() - t
-    reader.join(10)
-    err = seen.decode("utf-8", "replace")
+    err = seen.text()
     assert p.returncode == 143 and took < 2.0, (p.returncode, took, err[-2000:])
     assert "Exception ignored" not in err and "Traceback" not in err
     left = [q.name for q in interrupted.rglob("*") if "bpw" in q.name or ".xvq-partial" in q.name]
