@@ -170,6 +170,21 @@ def wait_for_bytes(p: subprocess.Popen, seen: bytearray, marker: bytes, timeout:
         time.sleep(0.05)
 
 
+def sigterm_once_under_way(p: subprocess.Popen, marker: bytes, what: str) -> None:
+    """SIGTERM once `marker` is on the process's stderr: it must exit 143 within 2 s, cleanly."""
+    seen = stderr_collector(p)
+    wait_for_bytes(p, seen, marker)
+    time.sleep(0.3)
+    assert p.poll() is None, f"the {what} finished before the signal"
+    t = time.monotonic()
+    p.send_signal(signal.SIGTERM)
+    p.wait(timeout=60)
+    took = time.monotonic() - t
+    err = seen.text()
+    assert p.returncode == 143 and took < 2.0, (p.returncode, took, err[-2000:])
+    assert "Exception ignored" not in err and "Traceback" not in err
+
+
 def test_sigterm_mid_imatrix_exits_143_at_once_and_the_rerun_matches_a_clean_run(tmp_path):
     """The imatrix is measured inside llama.cpp's eval callback, where the KeyboardInterrupt was
     swallowed: the run went on, and its imatrix and Q4_K_M differed from a clean run's."""
@@ -181,17 +196,7 @@ def test_sigterm_mid_imatrix_exits_143_at_once_and_the_rerun_matches_a_clean_run
     p = run_xvq(*args, "--out-root", str(clean))
     assert p.wait(timeout=600) == 0, p.stderr.read()
     p = run_xvq(*args, "--out-root", str(interrupted))
-    seen = stderr_collector(p)
-    wait_for_bytes(p, seen, b"imatrix demo-f16.gguf")   # the measurement's bar: decoding has begun
-    time.sleep(0.3)
-    assert p.poll() is None, "the imatrix finished before the signal"
-    t = time.monotonic()
-    p.send_signal(signal.SIGTERM)
-    p.wait(timeout=60)
-    took = time.monotonic() - t
-    err = seen.text()
-    assert p.returncode == 143 and took < 2.0, (p.returncode, took, err[-2000:])
-    assert "Exception ignored" not in err and "Traceback" not in err
+    sigterm_once_under_way(p, b"imatrix demo-f16.gguf", "imatrix")   # its bar: decoding has begun
     left = [q.name for q in interrupted.rglob("*") if "imatrix" in q.name or ".xvq-partial" in q.name]
     assert left == [] and not (interrupted / "demo" / ".stamps" / "imatrix.json").exists(), left
     p = run_xvq(*args, "--out-root", str(interrupted))
@@ -215,17 +220,7 @@ def test_sigterm_mid_mix_sensitivity_exits_143_at_once_and_the_rerun_matches_a_c
     p = run_xvq(*args, "--out-root", str(clean))
     assert p.wait(timeout=600) == 0, p.stderr.read()
     p = run_xvq(*args, "--out-root", str(interrupted))
-    seen = stderr_collector(p)
-    wait_for_bytes(p, seen, b"sensitivity")   # the progress bar says when the ablations have begun
-    time.sleep(0.3)
-    assert p.poll() is None, "the mix finished before the signal"
-    t = time.monotonic()
-    p.send_signal(signal.SIGTERM)
-    p.wait(timeout=60)
-    took = time.monotonic() - t
-    err = seen.text()
-    assert p.returncode == 143 and took < 2.0, (p.returncode, took, err[-2000:])
-    assert "Exception ignored" not in err and "Traceback" not in err
+    sigterm_once_under_way(p, b"sensitivity", "mix")   # its bar: the ablations have begun
     left = [q.name for q in interrupted.rglob("*") if "bpw" in q.name or ".xvq-partial" in q.name]
     assert left == [], left
     p = run_xvq(*args, "--out-root", str(interrupted))
